@@ -1,0 +1,96 @@
+"""Batched generation with a KV cache, for any transformers causal LM (the CPU / "hf" backend).
+
+Prompts are sorted by length and run in left-padded batches: one prefill, then one token per step
+through the model's cache, rows that have emitted a stop token are frozen, and the batch stops as soon as
+every row is done. Greedy when ``temperature == 0``, else temperature + nucleus (top-p) sampling from a
+seeded generator, so an evaluation is reproducible. At real scale the same call goes to vLLM
+(``backend="vllm"``, GPU only).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from lnkit.data.chat import EOS_TEXT, EOT
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.2x calls the KV cache argument ``cache``; older releases (vLLM pins one) call it
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # smallest prefix with mass >= top_p (the top token always kept)
+        sp = sp * keep
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, batch_size: int = 64, backend: str = "hf",
+             progress=None) -> list[dict]:
+    """Complete each rendered prompt. Returns, per prompt, ``{"text", "tokens", "finished"}``."""
+    if backend == "vllm":
+        from lnkit.vllm_backend import generate_vllm  # GPU only; imported lazily
+
+        return generate_vllm(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed)
+    if backend != "hf":
+        raise ValueError(f"backend {backend!r} not in ('hf', 'vllm')")
+    stop = [tok.convert_tokens_to_ids(t) for t in (EOT, EOS_TEXT)]
+    pad = tok.pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
+    gen = torch.Generator().manual_seed(seed)
+    for b0 in range(0, len(order), batch_size):
+        idx = order[b0 : b0 + batch_size]
+        n = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), n), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, n - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[r, n - len(encoded[i]) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        kv = {_cache_kwarg(model): DynamicCache()}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       **kv).logits[:, -1, :].float()
+        new = torch.zeros((len(idx), 0), dtype=torch.long, device=device)
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        last_pos = pos[:, -1]
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits, temperature, top_p, gen).to(device)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new = torch.cat([new, nxt[:, None]], 1)
+            done |= torch.isin(nxt, torch.tensor(stop, device=device))
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype, device=device)], 1)
+            last_pos = last_pos + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                           use_cache=True, **kv).logits[:, -1, :].float()
+        for r, i in enumerate(idx):
+            toks = new[r].tolist()
+            finished = any(t in stop for t in toks)
+            if finished:
+                toks = toks[: next(j for j, t in enumerate(toks) if t in stop)]
+            out[i] = {"text": tok.decode(toks, skip_special_tokens=False), "tokens": len(toks), "finished": finished}
+        if progress is not None:
+            progress.update(len(idx))
+    if was_training:
+        model.train()
+    return out

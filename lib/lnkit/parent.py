@@ -1,0 +1,203 @@
+"""Stage 00: the tiny world and the parent model.
+
+The paper starts from Llama Instruct models: good instruction followers that answer directly, without
+long reasoning. The tiny default builds that from scratch: it draws the world's splits, trains a BPE
+tokenizer on them, and trains a small ``LlamaForCausalLM`` (fp32) on a mix of "pretraining" documents
+(every fact of the world and every arithmetic step, see :mod:`lnkit.data.world`) and instruction
+examples answered directly, with the system prompt absent, "on" or "off" at random so that the parent,
+like Llama Instruct, ignores the toggle it has never been taught. Alternatively ``parent_checkpoint``
+names a local Hugging Face Llama folder to use as the parent instead.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from lnkit.data.chat import THINK_OFF, THINK_ON, render_prompt
+from lnkit.data.splits import decontamination_report, load_items, make_split, save_items
+from lnkit.data.tasks import DOMAINS, arithmetic_corpus
+from lnkit.data.tokenizer import save_tokenizer, train_tokenizer
+from lnkit.data.world import knowledge_corpus, make_world
+from lnkit.io import CheckpointError, atomic_dir, atomic_write_json, verify_checkpoint
+from lnkit.params import ParamError, StageParams, param
+from lnkit.train.batches import Batcher, encode_chat, encode_doc
+
+
+@dataclass
+class ParentParams(StageParams):
+    """Stage 00 parameters (fields match ``notebooks/00_parent.ipynb``'s parameters cell)."""
+
+    STAGE = "00_parent"
+    # --- run
+    run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
+    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
+    seed: int = param(0, "seed for sampling, initialisation and batches", lo=0)
+    device: str = param("cpu", "where to train", choices=["cpu", "cuda", "auto"])
+    threads: int = param(0, "torch CPU threads; 0 keeps torch's default", lo=0, hi=256)
+    # --- the world
+    world_seed: int = param(0, "seed of the fact base (creature and kind names)", lo=0)
+    n_train: int = param(3000, "training items per domain (math, science, code, instruct, chat)", lo=10)
+    n_val: int = param(60, "validation items per domain", lo=1)
+    n_test: int = param(200, "test items per domain (fewer where a domain has fewer problems)", lo=1)
+    vocab_size: int = param(1024, "BPE vocabulary size", lo=300, hi=200_000)
+    # --- the parent
+    parent_checkpoint: str = param("", "local Hugging Face Llama folder to use as the parent; '' trains the tiny one")
+    hidden_size: int = param(128, "model width", lo=16)
+    num_layers: int = param(6, "decoder layers", lo=1)
+    num_heads: int = param(4, "attention heads", lo=1)
+    num_kv_heads: int = param(4, "KV heads (Puzzle later tries fewer)", lo=1)
+    intermediate_size: int = param(384, "FFN width", lo=8)
+    steps: int = param(2000, "optimizer steps", lo=1)
+    batch_size: int = param(32, "sequences per step", lo=1)
+    lr: float = param(3e-3, "peak learning rate (warmup then cosine)", lo=1e-6, hi=1.0)
+    warmup: int = param(50, "warmup steps", lo=0)
+    doc_fraction: float = param(0.3, "share of training sequences that are pretraining documents", lo=0.0, hi=0.9)
+    # --- evaluation
+    eval_modes: list[str] = param(["off", "on"], "modes to evaluate", choices=["off", "on"])
+    eval_k: int = param(1, "samples per prompt with thinking on (pass@1 averaged over them)", lo=1, hi=64)
+    eval_max_new_tokens: int = param(64, "generation limit per answer", lo=1)
+    progress: bool = param(True, "show progress bars")
+
+    def check(self):
+        if self.hidden_size % self.num_heads:
+            raise ParamError(f"stage {self.STAGE}: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ParamError(f"stage {self.STAGE}: num_heads={self.num_heads} is not divisible by "
+                             f"num_kv_heads={self.num_kv_heads}")
+
+
+def stage_dir(p: ParentParams) -> Path:
+    return Path(p.run_dir) / "00_parent"
+
+
+def build_world(p: ParentParams) -> dict:
+    """Draw the splits, check decontamination, train the tokenizer; write them under ``data/``, ``tokenizer/``."""
+    out = stage_dir(p)
+    world = make_world(p.world_seed)
+    splits = {
+        "train": make_split(world, "train", {d: p.n_train for d in DOMAINS}, seed=p.seed),
+        "val": make_split(world, "val", {d: p.n_val for d in DOMAINS}, seed=p.seed),
+        "test": make_split(world, "test", {d: p.n_test for d in DOMAINS}, seed=p.seed),
+    }
+    report = {s: decontamination_report(splits["train"], splits[s]) for s in ("val", "test")}
+    bad = {s: r["flagged_ids"][:5] for s, r in report.items() if r["flagged"]}
+    if bad:
+        raise RuntimeError(f"decontamination failed: evaluation items overlap training: {bad}")
+    for name, items in splits.items():
+        save_items(items, out / "data" / f"{name}.jsonl")
+    atomic_write_json(out / "data" / "world.json", {"kinds": world.kinds, "creatures": world.creatures})
+    atomic_write_json(out / "data" / "decontamination.json", report)
+    if not p.parent_checkpoint:
+        texts = knowledge_corpus(world) + arithmetic_corpus() + [THINK_ON, THINK_OFF]
+        for it in splits["train"]:
+            texts += [render_prompt(it.prompt, "on"), it.direct, f"<think>\n{it.reasoning}\n</think>\n{it.direct}"]
+        save_tokenizer(train_tokenizer(texts, p.vocab_size), out / "tokenizer")
+    return {s: len(v) for s, v in splits.items()}
+
+
+def load_data(run_dir: str | Path, split: str):
+    return load_items(Path(run_dir) / "00_parent" / "data" / f"{split}.jsonl")
+
+
+def load_world(run_dir: str | Path):
+    import json
+
+    from lnkit.data.world import World
+
+    w = json.loads((Path(run_dir) / "00_parent" / "data" / "world.json").read_text())
+    return World(kinds=w["kinds"], creatures=w["creatures"])
+
+
+def training_examples(p: ParentParams, tok) -> list[tuple[list[int], list[int]]]:
+    """Direct-answer instruction examples plus pretraining documents, in the ``doc_fraction`` ratio."""
+    rng = random.Random(f"{p.seed}-parent-mix")
+    world = load_world(p.run_dir)
+    chats = []
+    for it in load_data(p.run_dir, "train"):
+        mode = rng.choice([None, None, "on", "off"])  # the parent never learns what the toggle means
+        chats.append(encode_chat(tok, it.prompt, it.direct, mode))
+    facts = knowledge_corpus(world) + arithmetic_corpus()
+    n_docs = int(len(chats) * p.doc_fraction / (1 - p.doc_fraction))
+    docs = []
+    while len(docs) < n_docs:  # several facts per document, reshuffled each pass
+        rng.shuffle(facts)
+        docs += [encode_doc(tok, " ".join(facts[i : i + 6])) for i in range(0, len(facts), 6)]
+    return chats + docs[:n_docs]
+
+
+def make_model(p: ParentParams, tok) -> LlamaForCausalLM:
+    torch.manual_seed(p.seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads, num_key_value_heads=p.num_kv_heads,
+        max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.float()
+
+
+def save_model(model, tok, path: str | Path) -> None:
+    """Hugging Face checkpoint (safetensors + tokenizer), written atomically with a manifest."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """Load a checkpoint written by :func:`save_model`, or any local Hugging Face folder.
+
+    lnkit checkpoints are verified against their manifest first: a truncated or altered file is a
+    :class:`~lnkit.io.CheckpointError` naming it.
+    """
+    path = Path(path)
+    if (path / "manifest.json").exists() or not (path / "config.json").exists():
+        verify_checkpoint(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+    model.eval()
+    return model, tok
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamError("stage 00_parent: device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
+    return name
+
+
+def train_parent(p: ParentParams):
+    """Train the tiny parent (resuming from the stage's last checkpoint if there is one) and save it to
+    ``model/``; or load ``parent_checkpoint``. Returns (model, tokenizer, per-step log)."""
+    from lnkit.train.loop import LoopConfig, train_loop
+
+    out = stage_dir(p)
+    device = resolve_device(p.device)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    if p.parent_checkpoint:
+        model, tok = load_model(p.parent_checkpoint, device)
+        if not isinstance(model, LlamaForCausalLM):
+            raise ParamError(f"stage 00_parent: parent_checkpoint {p.parent_checkpoint} holds a "
+                             f"{type(model).__name__}, not a LlamaForCausalLM")
+        save_model(model, tok, out / "model")
+        return model, tok, []
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    batches = Batcher(training_examples(p, tok), p.batch_size, tok.pad_token_id, seed=p.seed)
+    model = make_model(p, tok).to(device)
+    cfg = LoopConfig(steps=p.steps, lr=p.lr, warmup=p.warmup, ckpt_every=max(50, p.steps // 10))
+    dev_batches = (lambda step: {k: v.to(device) for k, v in batches(step).items()}) if device != "cpu" else batches
+    rows = train_loop(model, dev_batches, cfg, out, desc="parent", progress=p.progress)
+    save_model(model, tok, out / "model")
+    return model, tok, rows

@@ -1,0 +1,122 @@
+"""Verifiers: does a response's final answer solve the item? One plain function per kind of task.
+
+Each takes the answer text (the part of the response outside any think block, see
+:func:`lnkit.data.chat.split_response`) and the item, and returns True or False. Math answers are compared
+with math-verify (so "The answer is 9." and "9" both match 9); multiple-choice letters and instruction
+constraints by exact rules; code by running it against the item's hidden tests in :mod:`lnkit.sandbox`.
+"""
+
+from __future__ import annotations
+
+import re
+
+ANSWER_RE = re.compile(r"answer is\s*:?\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.DOTALL)
+
+
+def _final(text: str) -> str:
+    m = ANSWER_RE.search(text.strip())
+    return m.group(1) if m else text.strip()
+
+
+def verify_math(answer: str, item) -> bool:
+    """>>> from types import SimpleNamespace as S
+    >>> verify_math("The answer is 12.", S(gold="12")), verify_math("The answer is 13.", S(gold="12"))
+    (True, False)
+    """
+    from math_verify import parse, verify
+
+    got = parse(_final(answer))
+    return bool(got) and bool(verify(parse(item.gold), got))
+
+
+def verify_choice(answer: str, item) -> bool:
+    """The single option letter the answer names must be the gold letter.
+
+    >>> from types import SimpleNamespace as S
+    >>> verify_choice("The answer is B.", S(gold="B")), verify_choice("A or B", S(gold="B"))
+    (True, False)
+    """
+    letters = re.findall(r"\b([A-D])\b", _final(answer))
+    return len(letters) == 1 and letters[0] == item.gold
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z0-9']+", text)
+
+
+def check_constraint(answer: str, constraint: str, end_word: str = "") -> bool:
+    """One instruction constraint, by an exact rule.
+
+    >>> check_constraint('"A ZOG IS A PIM."', "upper"), check_constraint("zogs are pims, done.", "end_word", "done")
+    (True, True)
+    """
+    a = answer.strip()
+    if constraint == "upper":
+        return any(c.isalpha() for c in a) and a == a.upper()
+    if constraint == "lower":
+        return any(c.isalpha() for c in a) and a == a.lower()
+    if constraint == "end_word":
+        w = _words(a)
+        return bool(w) and w[-1].lower() == end_word.lower()
+    if constraint == "words3":
+        return len(_words(a.replace("'", ""))) == 3
+    if constraint == "quotes":
+        core = a[2:].strip() if a.startswith("- ") else a
+        return len(core) >= 2 and core.startswith('"') and core.endswith('"')
+    if constraint == "bullet":
+        return a.startswith("- ") and "\n" not in a
+    raise ValueError(f"unknown constraint {constraint!r}")
+
+
+def verify_instruct(answer: str, item) -> bool:
+    """Every constraint holds and the answer names the right kind."""
+    ok = all(check_constraint(answer, c, item.meta.get("end_word", "")) for c in item.meta["constraints"])
+    return ok and item.gold.lower() in [w.lower().rstrip("s") for w in _words(answer)] + [
+        w.lower() for w in _words(answer)]
+
+
+def verify_chat(answer: str, item) -> bool:
+    """The gold word appears and no distractor of the same kind does.
+
+    >>> from types import SimpleNamespace as S
+    >>> verify_chat("Dips live in water.", S(gold="water", meta={"distractors": ["sand"]}))
+    True
+    """
+    words = {w.lower() for w in _words(answer)} | {w.lower().rstrip("s") for w in _words(answer)}
+    return item.gold.lower() in words and not any(d.lower() in words for d in item.meta.get("distractors", []))
+
+
+CODE_RE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+
+
+def extract_code(answer: str) -> str:
+    m = CODE_RE.search(answer)
+    return (m.group(1) if m else answer).strip() + "\n"
+
+
+def verify_code(answer: str, item) -> bool:
+    """Run the answer's function against the item's hidden tests in the sandbox."""
+    from lnkit.sandbox import check_function
+
+    cases = [(tuple(args), want) for args, want in item.meta["tests"]]
+    return check_function(extract_code(answer), item.meta.get("func", "f"), cases).ok
+
+
+VERIFIERS = {
+    "math": verify_math,
+    "choice": verify_choice,
+    "code": verify_code,
+    "instruct": verify_instruct,
+    "chat": verify_chat,
+}
+
+
+def check(answer: str, item) -> bool:
+    """Verify ``answer`` with the item's own verifier; a verifier crash counts as wrong."""
+    fn = VERIFIERS.get(item.verifier)
+    if fn is None:
+        raise ValueError(f"item {item.id}: unknown verifier {item.verifier!r}; known: {sorted(VERIFIERS)}")
+    try:
+        return bool(fn(answer, item))
+    except Exception:  # a malformed answer must never crash an evaluation or an RL step
+        return False
