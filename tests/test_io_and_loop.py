@@ -168,3 +168,12 @@ def test_packed_rows_compute_what_separate_examples_compute(tok, tiny_llama):
             total, count, seen = total + out.loss.item() * k, count + k, seen + (b - a)
     assert abs(packed_loss - total / count) < 1e-4
     assert seen <= n_tokens
+
+
+def test_checkpoint_of_other_parameters_is_not_resumed(tmp_path, tok, tiny_llama):
+    batches = Batcher(_examples(tok), 8, tok.pad_token_id, seed=0)
+    train_loop(tiny_llama, batches, LoopConfig(steps=5, lr=1e-3, warmup=1, ckpt_every=5), tmp_path,
+               progress=False, fingerprint="run-a")
+    rows = train_loop(tiny_llama, batches, LoopConfig(steps=8, lr=1e-3, warmup=1, ckpt_every=4), tmp_path,
+                      progress=False, fingerprint="run-b")
+    assert [r["step"] for r in rows] == list(range(8))  # started over, did not continue run-a

@@ -29,6 +29,7 @@ BASE = {"run": "t", "run_dir": "runs/t", "stages": {"00_parent": {}}}
     ({"eval_modes": ["off", "maybe"]}, "parameter eval_modes=['off', 'maybe'] is out of range"),
     ({"progress": "yes"}, "parameter progress='yes' has type str, expected bool"),
     ({"hidden_size": 30, "num_heads": 4}, "hidden_size=30 is not divisible by num_heads=4"),
+    ({"parent_checkpoint": "/no/such/llama"}, "parent_checkpoint='/no/such/llama' is not a folder"),
 ])
 def test_bad_parameters_name_stage_field_and_allowed_values(tmp_path, stage_params, message):
     path = write(tmp_path, {**BASE, "stages": {"00_parent": stage_params}})
@@ -75,16 +76,40 @@ def test_shared_values_and_paths_are_resolved(tmp_path, monkeypatch):
 
 
 def test_run_files_in_repo_are_valid():
-    for name in ("tiny", "smoke", "real_llama"):
+    for name in ("tiny", "smoke"):
         _, params = load_run(f"papermill_runs/{name}.yaml")
         assert "00_parent" in params
+    # the real-scale template is valid except for the checkpoint folder the user must supply
+    with pytest.raises(RunError, match="parent_checkpoint='/data/llama-3.2-1b-instruct' is not a folder"):
+        load_run("papermill_runs/real_llama.yaml")
 
 
 def test_params_digest_describe_and_namespace():
     a, b = ParentParams(), ParentParams(steps=3)
     assert a.digest() == ParentParams().digest() != b.digest()
-    assert "steps = 2000" in ParentParams.describe()
+    assert "steps = 2400" in ParentParams.describe()
     p = ParentParams.from_namespace({"steps": 5, "seed": 2, "In": [], "torch": object()})
     assert (p.steps, p.seed, p.lr) == (5, 2, ParentParams().lr)
     with pytest.raises(ParamError, match="steps"):
         ParentParams.from_namespace({"steps": 1.5})
+
+
+def test_parameters_cells_match_their_dataclasses_one_to_one():
+    import ast
+    from dataclasses import fields
+
+    import nbformat
+
+    from lnkit.runs import NOTEBOOKS, STAGES, params_class
+
+    for stage in STAGES:
+        nb = nbformat.read(NOTEBOOKS / f"{stage}.ipynb", as_version=4)
+        cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(cells) == 1, f"{stage}: exactly one cell tagged 'parameters'"
+        tree = ast.parse(cells[0].source)
+        names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
+        cls = params_class(stage)
+        assert names == {f.name for f in fields(cls)}, stage
+        values = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  for t in node.targets}
+        cls.from_dict(values)  # the notebook's own defaults are valid parameters

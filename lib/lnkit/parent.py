@@ -25,7 +25,7 @@ from lnkit.data.tokenizer import save_tokenizer, train_tokenizer
 from lnkit.data.world import knowledge_corpus, make_world
 from lnkit.io import CheckpointError, atomic_dir, atomic_write_json, verify_checkpoint
 from lnkit.params import ParamError, StageParams, param
-from lnkit.train.batches import Batcher, encode_chat, encode_doc
+from lnkit.train.batches import PackedBatcher, encode_chat, encode_doc
 
 
 @dataclass
@@ -41,7 +41,9 @@ class ParentParams(StageParams):
     threads: int = param(0, "torch CPU threads; 0 keeps torch's default", lo=0, hi=256)
     # --- the world
     world_seed: int = param(0, "seed of the fact base (creature and kind names)", lo=0)
-    n_train: int = param(3000, "training items per domain (math, science, code, instruct, chat)", lo=10)
+    n_train: int = param(2000, "training items per domain for science, code, instruct and chat", lo=10)
+    n_train_math: int = param(6000, "training math items (math is two thirds of the paper's SFT blend)", lo=10)
+    math_level_weights: list[float] = param([6.0, 2.0, 1.0, 1.0, 1.0], "relative number of training math items per level 1..5", lo=0.0)
     n_val: int = param(60, "validation items per domain", lo=1)
     n_test: int = param(200, "test items per domain (fewer where a domain has fewer problems)", lo=1)
     vocab_size: int = param(1024, "BPE vocabulary size", lo=300, hi=200_000)
@@ -52,11 +54,12 @@ class ParentParams(StageParams):
     num_heads: int = param(4, "attention heads", lo=1)
     num_kv_heads: int = param(4, "KV heads (Puzzle later tries fewer)", lo=1)
     intermediate_size: int = param(384, "FFN width", lo=8)
-    steps: int = param(2000, "optimizer steps", lo=1)
-    batch_size: int = param(32, "sequences per step", lo=1)
+    steps: int = param(2400, "optimizer steps", lo=1)
+    rows: int = param(8, "packed rows per step", lo=1)
+    row_len: int = param(256, "tokens per packed row (several examples each, no cross-attention)", lo=32)
     lr: float = param(3e-3, "peak learning rate (warmup then cosine)", lo=1e-6, hi=1.0)
     warmup: int = param(50, "warmup steps", lo=0)
-    doc_fraction: float = param(0.3, "share of training sequences that are pretraining documents", lo=0.0, hi=0.9)
+    doc_fraction: float = param(0.2, "share of training sequences that are pretraining documents", lo=0.0, hi=0.9)
     # --- evaluation
     eval_modes: list[str] = param(["off", "on"], "modes to evaluate", choices=["off", "on"])
     eval_k: int = param(1, "samples per prompt with thinking on (pass@1 averaged over them)", lo=1, hi=64)
@@ -64,9 +67,15 @@ class ParentParams(StageParams):
     progress: bool = param(True, "show progress bars")
 
     def check(self):
+        if self.parent_checkpoint and not Path(self.parent_checkpoint).is_dir():
+            raise ParamError(f"stage {self.STAGE}: parent_checkpoint={self.parent_checkpoint!r} is not a folder; "
+                             "give a local Hugging Face Llama checkpoint folder, or '' to train the tiny parent")
         if self.hidden_size % self.num_heads:
             raise ParamError(f"stage {self.STAGE}: hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}")
+        if len(self.math_level_weights) != 5 or not any(self.math_level_weights):
+            raise ParamError(f"stage {self.STAGE}: math_level_weights={self.math_level_weights} must be 5 "
+                             "non-negative numbers (levels 1..5), not all zero")
         if self.num_heads % self.num_kv_heads:
             raise ParamError(f"stage {self.STAGE}: num_heads={self.num_heads} is not divisible by "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -81,7 +90,8 @@ def build_world(p: ParentParams) -> dict:
     out = stage_dir(p)
     world = make_world(p.world_seed)
     splits = {
-        "train": make_split(world, "train", {d: p.n_train for d in DOMAINS}, seed=p.seed),
+        "train": make_split(world, "train", {d: p.n_train_math if d == "math" else p.n_train for d in DOMAINS},
+                            seed=p.seed, level_weights={"math": p.math_level_weights}),
         "val": make_split(world, "val", {d: p.n_val for d in DOMAINS}, seed=p.seed),
         "test": make_split(world, "test", {d: p.n_test for d in DOMAINS}, seed=p.seed),
     }
@@ -194,10 +204,10 @@ def train_parent(p: ParentParams):
         save_model(model, tok, out / "model")
         return model, tok, []
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    batches = Batcher(training_examples(p, tok), p.batch_size, tok.pad_token_id, seed=p.seed)
+    batches = PackedBatcher(training_examples(p, tok), p.rows, p.row_len, tok.pad_token_id, seed=p.seed)
     model = make_model(p, tok).to(device)
     cfg = LoopConfig(steps=p.steps, lr=p.lr, warmup=p.warmup, ckpt_every=max(50, p.steps // 10))
     dev_batches = (lambda step: {k: v.to(device) for k, v in batches(step).items()}) if device != "cpu" else batches
-    rows = train_loop(model, dev_batches, cfg, out, desc="parent", progress=p.progress)
+    rows = train_loop(model, dev_batches, cfg, out, desc="parent", progress=p.progress, fingerprint=p.digest())
     save_model(model, tok, out / "model")
     return model, tok, rows

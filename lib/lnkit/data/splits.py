@@ -30,10 +30,26 @@ def split_of(key: str) -> str:
     return next(s for s, (lo, hi) in SPLITS.items() if lo <= u < hi)
 
 
+def level_cycle(weights: list[float] | None, max_level: int) -> list[int]:
+    """The repeating sequence of difficulty levels that realises integer-ish ``weights``.
+
+    >>> level_cycle([2, 1], 2), level_cycle(None, 3)
+    ([1, 1, 2], [1, 2, 3])
+    """
+    if not weights:
+        return list(range(1, max_level + 1))
+    if len(weights) != max_level or any(w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"level weights {weights} must be {max_level} non-negative numbers, not all zero")
+    scale = 1 / min(w for w in weights if w > 0)
+    return [lvl for lvl, w in enumerate(weights, 1) for _ in range(round(w * scale))]
+
+
 def make_split(
-    world: World, split: str, n_per_domain: dict[str, int], seed: int = 0, unique: bool | None = None
+    world: World, split: str, n_per_domain: dict[str, int], seed: int = 0, unique: bool | None = None,
+    level_weights: dict[str, list[float]] | None = None,
 ) -> list[Item]:
-    """Draw ``n_per_domain[d]`` items of each domain ``d`` for ``split``, difficulties cycling evenly.
+    """Draw ``n_per_domain[d]`` items of each domain ``d`` for ``split``, difficulties cycling evenly
+    (or in proportion to ``level_weights[d]``, e.g. more easy math in the parent's training set).
 
     ``unique`` (default: True except for train) forbids repeated prompts. Domains with few distinct
     problems (chat has one per fact) give fewer unique items than asked; the result then holds all there are.
@@ -48,9 +64,10 @@ def make_split(
         rng = random.Random(f"{seed}-{split}-{domain}")
         seen: set[str] = set()
         got, attempts = 0, 0
+        cycle = level_cycle((level_weights or {}).get(domain), MAX_DIFFICULTY[domain])
         while got < n and attempts < 200 * max(n, 1):
             attempts += 1
-            level = 1 + got % MAX_DIFFICULTY[domain]
+            level = cycle[got % len(cycle)]
             it = make_item(domain, rng, level, world)
             if split_of(it.key) != split or (unique and it.prompt in seen):
                 continue

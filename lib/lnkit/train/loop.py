@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,12 +51,13 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _save_state(out_dir: Path, model, opt, step: int) -> None:
+def _save_state(out_dir: Path, model, opt, step: int, fingerprint: str) -> None:
     with atomic_dir(out_dir / STATE_DIR) as tmp:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp / "state.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "fingerprint": fingerprint}, tmp / "state.pt")
 
 
-def _load_state(out_dir: Path, model, opt) -> int:
+def _load_state(out_dir: Path, model, opt, fingerprint: str) -> int:
     path = out_dir / STATE_DIR
     if not path.exists():
         return 0
@@ -64,6 +66,12 @@ def _load_state(out_dir: Path, model, opt) -> int:
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume: {e}. Delete {path} to restart this stage from scratch.") from None
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        # A checkpoint of a run with other parameters: resuming it would silently mix two runs.
+        print(f"ignoring {path}: it belongs to a run with other parameters; training from scratch")
+        shutil.rmtree(path)
+        (out_dir / LOG_FILE).unlink(missing_ok=True)
+        return 0
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     return int(state["step"])
@@ -87,9 +95,11 @@ def _write_log(out_dir: Path, rows: list[dict]) -> None:
 
 
 def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_dir: str | Path,
-               desc: str = "train", progress: bool = True) -> list[dict]:
+               desc: str = "train", progress: bool = True, fingerprint: str = "") -> list[dict]:
     """Train ``model`` for ``cfg.steps`` steps on ``next_batch(step)``; resume from ``out_dir`` if a
-    checkpoint is there. Returns the per-step log (also written to ``out_dir/train_log.csv``)."""
+    checkpoint of the same run is there (same ``fingerprint``, e.g. the stage parameters' digest, and
+    the same loop settings). Returns the per-step log (also written to ``out_dir/train_log.csv``)."""
+    fingerprint = f"{fingerprint}|{cfg}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
@@ -98,7 +108,9 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas,
     )
-    start = _load_state(out_dir, model, opt)
+    start = _load_state(out_dir, model, opt, fingerprint)
+    if start:
+        print(f"{desc}: resuming from the checkpoint at step {start} of {cfg.steps}")
     rows = _read_log(out_dir, start)
     model.train()
     t0 = time.perf_counter() - (float(rows[-1]["elapsed_s"]) if rows else 0.0)
@@ -119,7 +131,7 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
         })
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            _save_state(out_dir, model, opt, step + 1)
+            _save_state(out_dir, model, opt, step + 1, fingerprint)
             _write_log(out_dir, rows)
     model.eval()
     return rows

@@ -1,0 +1,40 @@
+"""Generation through vLLM (the ``gpu`` extra): the real-scale backend of :func:`lnkit.generate.generate`.
+
+vLLM loads a checkpoint folder, not a live module, so ``model`` is a folder path or a transformers model
+whose ``name_or_path`` is one (as after ``from_pretrained``). Engines are cached per folder: building
+one costs tens of seconds. Only imported when ``backend="vllm"``; never on the CPU path.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+
+@lru_cache(maxsize=2)
+def _engine(path: str, dtype: str, gpu_memory_utilization: float):
+    from vllm import LLM
+
+    return LLM(model=path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+
+
+def generate_vllm(model, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int = 0, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.85) -> list[dict]:
+    """Same contract as :func:`lnkit.generate.generate`: ``{"text", "tokens", "finished"}`` per prompt."""
+    try:
+        from vllm import SamplingParams
+    except ImportError as e:
+        raise RuntimeError("backend='vllm' needs the gpu extra: pip install -e '.[gpu]' (CUDA machines only)") from e
+    path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
+    if not path:
+        raise ValueError("backend='vllm' needs a checkpoint folder (or a model loaded from one)")
+    llm = _engine(str(path), dtype, gpu_memory_utilization)
+    tok = llm.get_tokenizer()
+    stop = [t for t in (tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>"))
+            if isinstance(t, int) and t >= 0]
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                            stop_token_ids=stop, skip_special_tokens=False)
+    # The prompts are rendered already (they start with <|begin_of_text|>): pass token ids, add nothing.
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+    return [{"text": o.outputs[0].text, "tokens": len(o.outputs[0].token_ids),
+             "finished": o.outputs[0].finish_reason == "stop"} for o in outs]
