@@ -31,7 +31,9 @@ LEAK_RE = re.compile(r"\d+\s*[-+*]\s*\d+\s*=|\bstarts with\b|\bCheck:|\bThe rule
 
 
 def compliant(response: str, mode: str) -> bool:
-    """>>> compliant("<think>\\nx\\n</think>\\nThe answer is 4.", "on"), compliant("The answer is 4.", "on")
+    """Whether a response follows the mode's format.
+
+    >>> compliant("<think>\\nx\\n</think>\\nThe answer is 4.", "on"), compliant("The answer is 4.", "on")
     (True, False)
     >>> compliant("The answer is 4.", "off"), compliant("<think></think>4", "off")
     (True, False)

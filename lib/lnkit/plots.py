@@ -45,6 +45,7 @@ def loss_curve(log_csv: str | Path, title: str = "training loss"):
     ax.plot(steps, smooth(loss, max(1, len(loss) // 50)), lw=1.8, label="moving average")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -62,7 +63,11 @@ def accuracy_by_difficulty(summary: list[dict], title: str = "accuracy by domain
             if rows:
                 ax.plot([s["difficulty"] for s in rows], [s["accuracy"] for s in rows], marker=marker,
                         label=f"thinking {mode}")
-        ax.set_title(d)
+        levels = sorted({s["difficulty"] for s in summary if s["domain"] == d})
+        n = next((s["n"] for s in summary if s["domain"] == d and s["mode"] == "off"), None)
+        ax.set_title(f"{d}" + (f" (n={n}/level)" if n else ""), fontsize=10)
+        ax.set_xticks(levels)
+        ax.set_xlim(min(levels) - 0.5, max(levels) + 0.5)
         ax.set_xlabel("difficulty")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
