@@ -8,7 +8,8 @@ keys (``sparsify``, ``window_length``, sink-attention fields); they are kept as 
 
 An explicit ``intermediate_size`` in an FFN block overrides ``ffn_mult``: the released rounding to a
 multiple of 256 makes every width of a tiny model (hidden 128) the same 256, so tiny models state widths
-directly. Released checkpoints never use it, and vLLM/Megatron exports refuse it (see ``lnkit.model``).
+directly. Released checkpoints never use it; vLLM, whose width rule is ``ffn_mult`` only, refuses it, and
+the Megatron export writes the width itself (``ffn_hidden_size``), so it keeps it (see ``lnkit.model``).
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 vLLM loads a checkpoint folder, not a live module, so ``model`` is a folder path or a transformers model
 whose ``name_or_path`` is one (as after ``from_pretrained``). Engines are cached per folder: building
 one costs tens of seconds. Only imported when ``backend="vllm"``; never on the CPU path.
+
+vLLM serves ``nemotron-nas`` folders with its own ``DeciLMForCausalLM``; it reads the config through
+transformers, which knows ``model_type: nemotron-nas`` only once :mod:`lnkit.model` is imported (it is,
+below). vLLM engines that run the model in a separate process need the same import there, e.g. through
+``VLLM_PLUGINS`` or a ``sitecustomize``; check a folder first with
+:func:`lnkit.model.export.check_vllm_compatible`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ def generate_vllm(model, prompts: list[str], *, max_new_tokens: int, temperature
         from vllm import SamplingParams
     except ImportError as e:
         raise RuntimeError("backend='vllm' needs the gpu extra: pip install -e '.[gpu]' (CUDA machines only)") from e
+    import lnkit.model  # noqa: F401  (registers nemotron-nas with transformers' Auto classes)
+
     path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
     if not path:
         raise ValueError("backend='vllm' needs a checkpoint folder (or a model loaded from one)")

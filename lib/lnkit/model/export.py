@@ -1,0 +1,167 @@
+"""Where a ``nemotron-nas`` model goes next: Megatron-core for training, vLLM for serving.
+
+**Megatron-core** (``megatron/core/transformer/heterogeneous/heterogeneous_config.py``,
+``HeterogeneousTransformerConfig``) reads a JSON with a ``block_configs`` list, given as
+``heterogeneous_layers_config_path`` or ``heterogeneous_layers_config_encoded_json``. Each entry has an
+``attention`` dict (``no_op``, ``replace_with_linear``, ``num_query_groups``; HF's ``n_heads_in_group`` is
+accepted and converted) and an ``ffn`` or ``mlp`` dict (``no_op``, ``replace_with_linear``,
+``ffn_hidden_size``; HF's ``ffn_mult`` is accepted and converted by the same 256-rounding rule).
+:func:`megatron_block_configs` writes the explicit Megatron names, so widths are exact whatever produced
+them (an explicit tiny-model ``intermediate_size`` included); the global ``TransformerConfig`` fields
+(``num_layers``, ``hidden_size``, ``num_attention_heads``, ``kv_channels`` = head size, RMSNorm, SwiGLU,
+no linear bias) are the caller's, as in Megatron's own Llama-Nemotron recipes. Megatron builds a linear block
+as a (fused-)norm + ``ColumnParallelLinearGathered`` and a no-op block as ``IdentityOp`` with no norm: the
+same tensors as this format.
+
+**vLLM** (``vllm/model_executor/models/nemotron_nas.py``, ``DeciLMForCausalLM``), read for this module:
+
+- each layer builds ``DeciLMAttention`` (vLLM's ``LlamaAttention``) with ``num_kv_heads =
+  num_attention_heads // n_heads_in_group`` unless ``attention.no_op``, and ``LlamaMLP`` of width
+  ``_ffn_mult_to_intermediate_size(ffn_mult, hidden)`` unless ``ffn.no_op``. ``replace_with_linear`` is never
+  read: a linear block would be built as a full attention with ``n_heads_in_group=None`` (a crash) or an MLP
+  from ``ffn_mult=None``; so linear blocks are refused here.
+- the width comes from ``ffn_mult`` whenever the block has that attribute (ours always does), so an explicit
+  ``intermediate_size`` the rule does not reproduce would load with the wrong shape: refused.
+- tensor parallelism: vLLM's ``ModelConfig`` requires ``num_attention_heads`` divisible by the TP size.
+- per-layer KV-head counts: every layer gets its own ``num_kv_heads``. vLLM's ``LlamaAttention`` asserts
+  ``kv % tp == 0`` (``kv >= tp``) or ``tp % kv == 0`` (replicated KV heads) for tensor-parallel size ``tp``.
+  The KV cache manager (``vllm/v1/core/kv_cache_utils.py``) serves full-attention layers of different sizes
+  through ``UniformTypeKVCacheSpecs`` in recent releases, but releases without it unify page sizes by
+  scaling block sizes (``unify_kv_cache_spec_page_size``), which raises unless every layer's page, i.e. its
+  KV-head count at equal head size, divides the largest. ``ModelConfig.get_total_num_kv_heads`` also reports
+  the *first* attention layer's count for the whole model. We therefore require each layer's count to divide
+  the largest (the released LN-Super/Ultra configs use 8 KV heads everywhere and pass).
+- no attention layer at all: ``get_total_num_kv_heads`` raises "Couldn't determine number of kv heads".
+- released sink/window/sparsify fields are ignored by vLLM (and by :mod:`lnkit.model.modeling`): refused
+  when set, since the served model would silently differ.
+
+vLLM reads the config through transformers: a folder saved by lnkit has no ``auto_map`` (no remote code),
+so the serving process must ``import lnkit.model`` (registering ``nemotron-nas``) before building the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lnkit.blocks import ffn_width
+from lnkit.model.config import unsupported_extras
+
+
+class VllmCompatibilityError(ValueError):
+    """vLLM's ``DeciLMForCausalLM`` cannot serve this config; the message lists every reason."""
+
+
+def _config(config_or_model):
+    return getattr(config_or_model, "config", config_or_model)
+
+
+def megatron_block_configs(config) -> dict:
+    """``{"block_configs": [...]}`` in the names Megatron-core's ``HeterogeneousTransformerConfig`` reads.
+
+    Pass ``json.dumps`` of it as ``heterogeneous_layers_config_encoded_json`` (or write it to a file for
+    ``heterogeneous_layers_config_path``), with ``num_layers = num_hidden_layers`` and
+    ``kv_channels = head size``.
+    """
+    c = _config(config)
+    if problems := unsupported_extras(c):
+        raise ValueError("cannot export to Megatron-core: " + "; ".join(problems))
+    blocks = []
+    for b in c.block_configs:
+        a, f = b.attention, b.ffn
+        blocks.append({
+            "attention": {"no_op": a.no_op, "replace_with_linear": a.replace_with_linear,
+                          "num_query_groups": a.num_kv_heads(c.num_attention_heads) or None},
+            "mlp": {"no_op": f.no_op, "replace_with_linear": f.replace_with_linear,
+                    "ffn_hidden_size": f.width(c.hidden_size) or None},
+        })
+    return {"block_configs": blocks}
+
+
+def megatron_state_dict(model) -> dict:
+    """The model's weights under Megatron-core's names for the heterogeneous GPT of
+    :func:`megatron_block_configs`, built with the local (non-Transformer-Engine) layer spec
+    (``get_gpt_heterogeneous_layer_spec(config, use_te=False)``).
+
+    Q, K and V go into one ``linear_qkv`` matrix, grouped per KV head: for each group, its query heads, then
+    its K head, then its V head; gate and up go into ``linear_fc1`` (gate first). A linear block's matrix is
+    the module's own ``weight``. No-op blocks have no entry, as in both formats. Checked against
+    megatron-core 0.16.1 on CPU: same tensor names and shapes, logits within 1e-6 (tests/test_model.py).
+    """
+    c, sd = model.config, model.state_dict()
+    if c.attention_bias or c.mlp_bias:
+        raise ValueError("megatron_state_dict maps bias-free models only (Megatron's add_bias_linear covers "
+                         "attention and MLP together; Llama-Nemotron has no biases)")
+    h, heads = c.hidden_size, c.num_attention_heads
+    out = {"embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": sd["model.norm.weight"],
+           "output_layer.weight": sd["lm_head.weight"]}
+    for i, b in enumerate(c.block_configs):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        if b.attention.kind != "no_op":
+            out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
+        if b.attention.kind == "attention":
+            g = b.attention.num_kv_heads(heads)
+            parts = [sd[src + f"self_attn.{x}_proj.weight"].reshape(g, -1, h) for x in "qkv"]
+            out[dst + "self_attention.linear_qkv.weight"] = torch.cat(parts, 1).reshape(-1, h)
+            out[dst + "self_attention.linear_proj.weight"] = sd[src + "self_attn.o_proj.weight"]
+        elif b.attention.kind == "linear":
+            out[dst + "self_attention.weight"] = sd[src + "self_attn.linear_attn.weight"]
+        if b.ffn.kind != "no_op":
+            out[dst + "pre_mlp_layernorm.weight"] = sd[src + "post_attention_layernorm.weight"]
+        if b.ffn.kind == "ffn":
+            out[dst + "mlp.linear_fc1.weight"] = torch.cat([sd[src + "mlp.gate_proj.weight"],
+                                                            sd[src + "mlp.up_proj.weight"]])
+            out[dst + "mlp.linear_fc2.weight"] = sd[src + "mlp.down_proj.weight"]
+        elif b.ffn.kind == "linear":
+            out[dst + "mlp.weight"] = sd[src + "mlp.linear_mlp.weight"]
+    return out
+
+
+def vllm_compatibility(config, tensor_parallel_size: int = 1) -> list[str]:
+    """Every reason vLLM's ``DeciLMForCausalLM`` could not serve ``config`` (a config or a model); [] if none.
+
+    See the module docstring for what vLLM's implementation does and where each rule comes from.
+    """
+    c = _config(config)
+    tp = tensor_parallel_size
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_size={tp!r}: expected a positive integer")
+    problems = []
+    if c.num_attention_heads % tp:
+        problems.append(f"num_attention_heads={c.num_attention_heads} is not divisible by tensor_parallel_size={tp}")
+    kv_counts = {}
+    for i, b in enumerate(c.block_configs):
+        a, f = b.attention, b.ffn
+        if a.replace_with_linear:
+            problems.append(f"block_configs[{i}].attention.replace_with_linear: vLLM has no linear attention block")
+        if f.replace_with_linear:
+            problems.append(f"block_configs[{i}].ffn.replace_with_linear: vLLM has no linear FFN block")
+        if f.kind == "ffn" and f.intermediate_size is not None:
+            rule = ffn_width(f.ffn_mult, c.hidden_size) if f.ffn_mult is not None else None
+            if rule != f.intermediate_size:
+                problems.append(f"block_configs[{i}].ffn.intermediate_size={f.intermediate_size}: vLLM takes the "
+                                f"width from ffn_mult={f.ffn_mult} ({rule} by the released rule), not from an "
+                                "explicit intermediate_size")
+        if a.kind == "attention":
+            kv = a.num_kv_heads(c.num_attention_heads)
+            kv_counts[i] = kv
+            if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+                problems.append(f"block_configs[{i}].attention.n_heads_in_group={a.n_heads_in_group}: {kv} KV heads "
+                                f"cannot be split over tensor_parallel_size={tp}")
+    if not kv_counts:
+        problems.append("no layer has attention: vLLM cannot determine the number of KV heads")
+    else:
+        top = max(kv_counts.values())
+        for i, kv in kv_counts.items():
+            if top % kv:
+                problems.append(f"block_configs[{i}].attention.n_heads_in_group: {kv} KV heads does not divide the "
+                                f"largest per-layer count {top}; vLLM's KV cache pages cannot be unified")
+    problems += unsupported_extras(c)
+    return problems
+
+
+def check_vllm_compatible(config, tensor_parallel_size: int = 1) -> None:
+    """Raise :class:`VllmCompatibilityError` listing every problem :func:`vllm_compatibility` finds."""
+    if problems := vllm_compatibility(config, tensor_parallel_size):
+        raise VllmCompatibilityError(f"vLLM cannot serve this nemotron-nas config ({len(problems)} problem"
+                                     f"{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(problems))
