@@ -153,19 +153,3 @@ def test_deployment_planner_notebook_runs_headless(tmp_path, params):
 
     pm.execute_notebook(str(runs.NOTEBOOKS / "deployment_planner.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters=params, cwd=str(runs.NOTEBOOKS), kernel_name="python3", progress_bar=False)
-
-
-def test_planner_parameters_cell_matches_its_dataclass():
-    import ast
-    from dataclasses import fields
-
-    import nbformat
-
-    from lnkit.deploy import PlannerParams
-
-    nb = nbformat.read(runs.NOTEBOOKS / "deployment_planner.ipynb", as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    tree = ast.parse(cell.source)
-    values = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets}
-    assert set(values) == {f.name for f in fields(PlannerParams)}
-    PlannerParams(**values)

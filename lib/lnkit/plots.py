@@ -76,3 +76,34 @@ def accuracy_by_difficulty(summary: list[dict], title: str = "accuracy by domain
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def library_losses(rows: list[dict], title: str = "block library: loss before and after BLD"):
+    """Left: normalised MSE per candidate kind before and after BLD (mean over layers). Right: after BLD,
+    per layer and candidate (1.0 = as bad as removing the block)."""
+    import numpy as np
+
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    layers = sorted({int(r["layer"]) for r in rows})
+    init = [np.mean([float(r["loss_init"]) for r in rows if r["name"] == n]) for n in names]
+    bld = [np.mean([float(r["loss_bld"]) for r in rows if r["name"] == n]) for n in names]
+    grid = np.full((len(names), len(layers)), np.nan)
+    for r in rows:
+        grid[names.index(r["name"]), layers.index(int(r["layer"]))] = float(r["loss_bld"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.32 * len(names) + 1.6), gridspec_kw={"width_ratios": [1.2, 1]})
+    y = np.arange(len(names))
+    a.barh(y - 0.2, init, height=0.4, label="initialised from the parent")
+    a.barh(y + 0.2, bld, height=0.4, label="after BLD")
+    a.set_yticks(y, names)
+    a.invert_yaxis()
+    a.set_xlabel("normalised MSE vs the parent sub-block (mean over layers)")
+    a.legend(fontsize=8)
+    a.grid(axis="x", alpha=0.3)
+    im = b.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    b.set_yticks(y, names)
+    b.set_xticks(range(len(layers)), layers)
+    b.set_xlabel("layer")
+    fig.colorbar(im, ax=b, label="normalised MSE after BLD")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -36,6 +36,7 @@ OUTPUT = REPO / "papermill_runs" / "output"
 # Stage name -> parameters class. The notebook is notebooks/<stage>.ipynb. Order is run order.
 STAGES = {
     "00_parent": "lnkit.parent:ParentParams",
+    "01_block_library": "lnkit.puzzle.library_stage:LibraryParams",
 }
 RUN_KEYS = {"run", "run_dir", "shared", "stages"}
 

@@ -1,0 +1,81 @@
+"""Stage 01: build Puzzle's block library for the stage-00 parent (``notebooks/01_block_library.ipynb``).
+
+Reads ``<run_dir>/00_parent/`` (model, tokenizer, training items), writes ``<run_dir>/01_block_library/``:
+``library/`` (one checksummed folder per candidate, see :mod:`lnkit.puzzle.library`), ``losses.csv`` (loss
+of every candidate before and after blockwise local distillation) and the figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lnkit.params import ParamError, StageParams, param
+
+
+@dataclass
+class LibraryParams(StageParams):
+    """Stage 01 parameters (fields match ``notebooks/01_block_library.ipynb``'s parameters cell)."""
+
+    STAGE = "01_block_library"
+    run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
+    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
+    seed: int = param(0, "seed for calibration data and distillation", lo=0)
+    device: str = param("cpu", "where to distill", choices=["cpu", "cuda", "auto"])
+    threads: int = param(1, "torch CPU threads; sub-blocks of tiny models are small matrices, 1 is fastest", lo=0, hi=256)
+    progress: bool = param(True, "show progress bars")
+    # --- search space
+    kv_factors: list[int] = param([], "KV-head reduction factors to try (n_heads_in_group x factor); [] = every power of two that divides the heads", lo=2)
+    attention_linear: bool = param(True, "include a linear replacement of attention")
+    attention_no_op: bool = param(True, "include removing attention")
+    ffn_fractions: list[float] = param([1.0, 0.75, 0.5, 0.25, 0.1], "FFN widths to try, as fractions of the parent's", lo=0.0, hi=1.0)
+    ffn_linear: bool = param(True, "include a linear replacement of the FFN")
+    ffn_no_op: bool = param(True, "include removing the FFN")
+    # --- blockwise local distillation
+    bld: str = param("decoupled", "attention and FFN trained separately (the paper's default; coupled is not implemented)", choices=["decoupled"])
+    layers: list[int] = param([], "layers to build ([] = all): lets a cluster split the library across jobs", lo=0)
+    calib_rows: int = param(64, "calibration rows of training text", lo=1)
+    calib_len: int = param(128, "tokens per calibration row", lo=8)
+    calib_batch: int = param(8, "rows per BLD step", lo=1)
+    bld_steps: int = param(150, "Adam steps per candidate", lo=0)
+    bld_lr: float = param(2e-3, "BLD learning rate", lo=1e-6, hi=1.0)
+
+    def check(self):
+        if 0.0 in self.ffn_fractions:
+            raise ParamError(f"stage {self.STAGE}: ffn_fractions contains 0.0; remove the FFN with ffn_no_op instead")
+
+
+def stage_dir(p: LibraryParams) -> Path:
+    return Path(p.run_dir) / "01_block_library"
+
+
+def search_space(p: LibraryParams):
+    from lnkit.puzzle.space import SearchSpace
+
+    return SearchSpace(kv_factors=tuple(p.kv_factors) or None, attention_linear=p.attention_linear,
+                       attention_no_op=p.attention_no_op, ffn_fractions=tuple(p.ffn_fractions),
+                       ffn_linear=p.ffn_linear, ffn_no_op=p.ffn_no_op)
+
+
+def build(p: LibraryParams):
+    """Load the parent, make calibration batches, build, distill and save the library; return (library, rows)."""
+    from lnkit.parent import load_data, load_model, resolve_device
+    from lnkit.puzzle.calibration import token_batches
+    from lnkit.puzzle.library import build_library, save_library, write_rows_csv
+    from lnkit.stage import require
+
+    parent_dir = require(p.run_dir, "00_parent")
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    model, tok = load_model(parent_dir / "model", resolve_device(p.device))
+    batches = token_batches(tok, load_data(p.run_dir, "train"), rows=p.calib_rows, row_len=p.calib_len,
+                            batch_size=p.calib_batch, seed=p.seed)
+    batches = [b.to(next(model.parameters()).device) for b in batches]
+    library = build_library(model, batches, search_space(p), layers=p.layers or None, steps=p.bld_steps,
+                            lr=p.bld_lr, seed=p.seed, progress=p.progress)
+    out = stage_dir(p)
+    save_library(library, out / "library")
+    write_rows_csv(library.rows, out / "losses.csv")
+    return library, library.rows

@@ -1,0 +1,233 @@
+"""Puzzle stage 01, the block library: search space, parent-derived initialisation, BLD, save/load, assemble.
+
+A tiny random Llama (hidden 64, 3 layers, 4 heads, 4 KV heads, FFN 128) and random token batches, made here.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lnkit.io import CheckpointError
+from lnkit.model import from_llama
+from lnkit.puzzle.library import (
+    assemble,
+    build_library,
+    calibrate,
+    ffn_channel_importance,
+    load_library,
+    merge_kv_heads,
+    prune_ffn,
+    save_library,
+)
+from lnkit.puzzle.space import SearchSpace, SearchSpaceError, candidates_for
+
+STEPS = 40
+
+
+def tiny_llama(seed=0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms start at 1: perturb them so a dropped norm would show
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def batches(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 101, (4, 32), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These matrices are tiny: a second thread only adds contention (30x slower on a loaded 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def parent():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def library(parent):
+    return build_library(parent, batches(), steps=STEPS, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ search space
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"ffn_fractions": (0.5, 0.0)}, "ffn_fractions: 0.0 is not allowed"),
+    ({"ffn_fractions": (1.5,)}, "ffn_fractions: 1.5 is not allowed"),
+    ({"ffn_fractions": (-0.25,)}, "ffn_fractions: -0.25 is not allowed"),
+    ({"kv_factors": (1,)}, "kv_factors: 1 is not allowed"),
+])
+def test_search_space_rejects_bad_values(kw, needle):
+    with pytest.raises(SearchSpaceError, match=needle):
+        SearchSpace(**kw)
+
+
+@pytest.mark.parametrize("space, needle", [
+    (SearchSpace(ffn_fractions=(0.001,)), r"0.001 of layer 0's FFN width 128 rounds to 0 channels"),
+    (SearchSpace(kv_factors=(3,)), r"kv_factors: 3 does not fit layer 0.*allowed factors: \[2, 4\]"),
+    (SearchSpace(kv_factors=(8,)), r"kv_factors: 8 does not fit.*allowed factors: \[2, 4\]"),
+])
+def test_search_space_rejects_what_the_parent_cannot_become(parent, space, needle):
+    with pytest.raises(SearchSpaceError, match=needle):
+        candidates_for(parent.config, space)
+
+
+def test_candidates_cover_the_space(parent):
+    cands = candidates_for(parent.config, SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,), attention_linear=False))
+    names = [(c.layer, c.slot, c.name) for c in cands if c.layer == 2]
+    assert names == [(2, "attention", "attn_parent"), (2, "attention", "attn_kv2"), (2, "attention", "attn_noop"),
+                     (2, "ffn", "ffn_100"), (2, "ffn", "ffn_50"), (2, "ffn", "ffn_linear"), (2, "ffn", "ffn_noop")]
+    kv2 = next(c for c in cands if c.name == "attn_kv2")
+    assert kv2.config.num_kv_heads(4) == 2
+    assert next(c for c in cands if c.name == "ffn_50").config.width(64) == 64
+    with pytest.raises(SearchSpaceError, match=r"layers: \[3\]"):
+        candidates_for(parent.config, layers=[3])
+
+
+# ------------------------------------------------------------------------------------------ initialisation
+
+
+def test_ffn_pruned_to_full_width_is_the_parent_exactly(parent):
+    nas = from_llama(parent)
+    cal = calibrate(nas, batches(2), layers=[1])
+    src = nas.model.layers[1]
+    imp = ffn_channel_importance(src, cal.inputs[(1, "ffn")])
+    assert imp.shape == (128,) and (imp > 0).all()
+    pruned = prune_ffn(src.mlp, imp, 128)
+    for k, v in src.mlp.state_dict().items():
+        assert torch.equal(pruned[k], v), k
+    # a narrower one keeps the most important channels
+    top = set(torch.topk(imp, 32).indices.tolist())
+    kept = prune_ffn(src.mlp, imp, 32)["down_proj.weight"]
+    assert kept.shape == (64, 32)
+    assert torch.equal(kept, src.mlp.down_proj.weight[:, sorted(top)])
+
+
+def test_kv_merge_factor_one_is_the_parent_and_factor_two_pools(parent):
+    attn = from_llama(parent).model.layers[0].self_attn
+    same = merge_kv_heads(attn, 1)
+    assert torch.equal(same["k_proj.weight"], attn.k_proj.weight)
+    assert torch.equal(same["v_proj.weight"], attn.v_proj.weight)
+    half = merge_kv_heads(attn, 2)["k_proj.weight"]  # heads of 16 rows: head 0 of the new = mean of old 0, 1
+    assert half.shape == (32, 64)
+    torch.testing.assert_close(half[:16], (attn.k_proj.weight[:16] + attn.k_proj.weight[16:32]) / 2)
+
+
+# ----------------------------------------------------------------------------------------------- BLD
+
+
+def test_library_losses(library):
+    rows = {(r["layer"], r["slot"], r["name"]): r for r in library.rows}
+    assert len(rows) == 3 * (5 + 7)
+    for r in rows.values():
+        assert r["loss_bld"] <= r["loss_init"] + 1e-9, r
+    for layer in range(3):
+        assert rows[(layer, "attention", "attn_parent")]["loss_init"] < 1e-10
+        assert rows[(layer, "ffn", "ffn_100")]["loss_init"] < 1e-10
+        assert rows[(layer, "attention", "attn_noop")]["loss_init"] == 1.0
+        assert rows[(layer, "attention", "attn_linear")]["loss_init"] < 0.95  # least squares beats "add nothing"
+        assert rows[(layer, "ffn", "ffn_linear")]["loss_init"] < 0.95
+    pruned = [r for r in rows.values() if r["name"] in ("attn_kv2", "attn_kv4", "ffn_75", "ffn_50", "ffn_25", "ffn_10")]
+    lowered = [r for r in pruned if r["loss_bld"] < r["loss_init"] - 1e-6]
+    assert len(lowered) >= 0.75 * len(pruned), pruned
+    # a parent-initialised candidate starts well below a no-op
+    assert all(r["loss_init"] < 1.0 for r in pruned)
+
+
+def test_build_is_deterministic_and_layers_restrict(parent):
+    a = build_library(parent, batches(3), SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,)), layers=[1],
+                      steps=5, seed=3, progress=False)
+    b = build_library(parent, batches(3), SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,)), layers=[1],
+                      steps=5, seed=3, progress=False)
+    assert {k[0] for k in a.entries} == {1}
+    assert a.rows == b.rows
+    for k, e in a.entries.items():
+        for n, t in (e.weights or {}).items():
+            assert n.startswith("model.layers.1.")
+            assert torch.equal(t, b.entries[k].weights[n])
+    assert set(calibrate(parent, batches(1), layers=[2]).inputs) == {(2, "attention"), (2, "ffn")}
+
+
+# ---------------------------------------------------------------------------------------------- assemble
+
+
+def test_assemble_all_parent_reproduces_parent_logits(parent, library):
+    ids = batches(1, seed=7)[0]
+    explicit = {(i, s): n for i in range(3) for s, n in (("attention", "attn_parent"), ("ffn", "ffn_100"))}
+    for choice in ({}, explicit):
+        child = assemble(parent, choice, library)
+        with torch.no_grad():
+            assert (child(ids).logits - parent(ids).logits).abs().max() <= 1e-5
+
+
+MIXED = {(0, "attention"): "attn_kv2", (0, "ffn"): "ffn_50", (1, "attention"): "attn_noop",
+         (1, "ffn"): "ffn_linear", (2, "attention"): "attn_linear", (2, "ffn"): "ffn_noop"}
+
+
+def test_assemble_mixed_generates(parent, library):
+    child = assemble(parent, MIXED, library)
+    kinds = [(b.attention.kind, b.ffn.kind) for b in child.config.block_configs]
+    assert kinds == [("attention", "ffn"), ("no_op", "linear"), ("linear", "no_op")]
+    assert child.config.block_configs[0].attention.num_kv_heads(4) == 2
+    assert child.config.block_configs[0].ffn.width(64) == 64
+    assert child.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
+    torch.testing.assert_close(child.model.layers[0].mlp.down_proj.weight,
+                               library.entries[(0, "ffn", "ffn_50")].weights["model.layers.0.mlp.down_proj.weight"])
+    out = child.generate(batches(1)[0][:1, :5], max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11)
+    with pytest.raises(KeyError, match=r"\(1, 'ffn'\) = 'ffn_33' is not in the block library; allowed"):
+        assemble(parent, {(1, "ffn"): "ffn_33"}, library)
+
+
+# ----------------------------------------------------------------------------------------- save / load
+
+
+def test_save_load_roundtrip_and_named_errors(tmp_path, parent, library):
+    folder = save_library(library, tmp_path / "lib")
+    with open(folder / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(library.rows) and rows[1]["name"] == "attn_kv2"
+    loaded = load_library(folder)
+    assert loaded.rows == library.rows
+    ids = batches(1, seed=5)[0]
+    with torch.no_grad():
+        a, b = assemble(parent, MIXED, library)(ids).logits, assemble(parent, MIXED, loaded)(ids).logits
+    assert torch.equal(a, b)
+
+    weights = folder / "layer001_ffn_ffn_50" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"candidate layer001_ffn_ffn_50 is missing or corrupt"):
+        load_library(folder)
+    shutil.rmtree(folder / "layer001_ffn_ffn_50")
+    with pytest.raises(CheckpointError, match=r"candidate layer001_ffn_ffn_50 is missing or corrupt"):
+        load_library(folder)
+    with pytest.raises(CheckpointError, match=r"no layerNNN.json index"):
+        load_library(tmp_path / "empty")
+
+
+def test_jobs_split_by_layers_share_one_folder(tmp_path, parent):
+    space = SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,), attention_linear=False, ffn_linear=False)
+    for layers in ([0], [2]):
+        save_library(build_library(parent, batches(2), space, layers=layers, steps=2, progress=False), tmp_path)
+    loaded = load_library(tmp_path)
+    assert {k[0] for k in loaded.entries} == {0, 2}
+    with open(tmp_path / "losses.csv") as f:
+        assert {r["layer"] for r in csv.DictReader(f)} == {"0", "2"}
