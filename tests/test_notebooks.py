@@ -41,6 +41,17 @@ def test_every_stage_notebook_runs_and_writes_its_artifacts(smoke):
     assert (d / "eval_summary.csv").exists() and (d / "loss.png").exists() and (d / "accuracy.png").exists()
     model, tok = load_model(d / "model")
     assert model.config.num_hidden_layers == 2 and tok.chat_template
+    lib = smoke["run_dir"] / "01_block_library"
+    assert (lib / "losses.csv").read_text().count("\n") > 4 and (lib / "library_losses.png").exists()
+    import csv
+
+    search = smoke["run_dir"] / "02_architecture_search"
+    rows = list(csv.DictReader(open(search / "frontier.csv")))
+    assert {r["kind"] for r in rows} == {"parent", "puzzle", "baseline"}
+    puzzle = [r for r in rows if r["kind"] == "puzzle"][0]
+    assert float(puzzle["priced_decode_fraction"]) <= 0.7 + 1e-9 and puzzle["status"] == "optimal"
+    child, _ = load_model(search / "children" / "budget_0.70")
+    assert child.config.model_type == "nemotron-nas"
 
 
 def test_completed_stage_is_skipped_and_force_reruns(smoke, capsys):

@@ -37,6 +37,7 @@ OUTPUT = REPO / "papermill_runs" / "output"
 STAGES = {
     "00_parent": "lnkit.parent:ParentParams",
     "01_block_library": "lnkit.puzzle.library_stage:LibraryParams",
+    "02_architecture_search": "lnkit.puzzle.search_stage:SearchParams",
 }
 RUN_KEYS = {"run", "run_dir", "shared", "stages"}
 

@@ -1,0 +1,237 @@
+"""Stage 02: score the block library, price it, and let the MIP pick children along a Pareto sweep
+(``notebooks/02_architecture_search.ipynb``).
+
+Reads ``<run_dir>/00_parent`` and ``<run_dir>/01_block_library``; writes ``<run_dir>/02_architecture_search``:
+``scores.csv`` (replace-1-block KL, LM loss, cosine on held-out text), ``costs.csv`` (measured on this
+device, and analytic for ``gpu`` through :mod:`lnkit.deploy`), ``frontier.csv`` (one row per budget and per
+baseline: architecture, MIP status and time, measured decode throughput, test accuracy) and one
+``nemotron-nas`` checkpoint per Puzzle child.
+
+Throughput is measured on the whole assembled model (KV-cache decode steps at ``batch_size`` after a
+``prompt_len`` prefill), against the parent measured in the same run. Budgets are fractions of the
+parent's summed per-block decode time as priced by ``cost_source``; on a small CPU, fixed per-op overhead
+dominates a tiny model's decode step, which is why the default prices blocks by measurement.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lnkit.params import ParamError, StageParams, param
+
+
+@dataclass
+class SearchParams(StageParams):
+    """Stage 02 parameters (fields match ``notebooks/02_architecture_search.ipynb``'s parameters cell)."""
+
+    STAGE = "02_architecture_search"
+    run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
+    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
+    seed: int = param(0, "seed for held-out batches", lo=0)
+    device: str = param("cpu", "where to score and measure", choices=["cpu", "cuda", "auto"])
+    threads: int = param(1, "torch CPU threads for scoring and timing; 1 is the least noisy on 2 cores", lo=0, hi=256)
+    progress: bool = param(True, "show progress bars")
+    score: str = param("kl", "replace-1-block score the MIP minimises", choices=["kl", "lm_loss", "cosine"])
+    score_rows: int = param(32, "held-out (validation) rows for scoring", lo=1)
+    score_len: int = param(128, "tokens per scoring row", lo=8)
+    cost_source: str = param("measured", "price blocks by timing them here, or analytically for `gpu`", choices=["measured", "analytic"])
+    gpu: str = param("H100", "GPU for analytic costs (see lnkit.deploy.GPUS)")
+    batch_size: int = param(16, "decode batch for costs and throughput", lo=1)
+    prompt_len: int = param(64, "prompt tokens before decoding", lo=1)
+    decode_len: int = param(32, "decoded tokens (costs at the mean context)", lo=1)
+    budgets: list[float] = param([0.8, 0.65, 0.5, 0.4, 0.3], "decode-time budgets as fractions of the parent's", lo=0.01, hi=1.0)
+    max_attention_layers: int = param(-1, "cap on attention layers (-1: none)", lo=-1)
+    solver: str = param("auto", "MIP solver", choices=["auto", "highs", "cbc"])
+    baselines: bool = param(True, "evaluate uniform FFN shrinking and last-layers attention removal too")
+    eval_n: int = param(60, "test items per domain for the frontier's accuracy", lo=1)
+    eval_max_new_tokens: int = param(48, "generation limit per answer", lo=1)
+    timing_repeats: int = param(5, "repeats for throughput (median)", lo=1)
+
+    def check(self):
+        from lnkit.deploy import GPUS
+
+        if self.cost_source == "analytic" and self.gpu not in GPUS:
+            raise ParamError(f"stage {self.STAGE}: gpu={self.gpu!r} is not in the catalogue; known: {sorted(GPUS)}")
+
+
+def stage_dir(p: SearchParams) -> Path:
+    return Path(p.run_dir) / "02_architecture_search"
+
+
+@torch.no_grad()
+def decode_throughput(model, batch_size: int, prompt_len: int, steps: int, repeats: int = 5) -> float:
+    """Generated tokens per second of KV-cache decoding (median over repeats), after a prefill."""
+    from transformers import DynamicCache
+
+    from lnkit.generate import _cache_kwarg
+
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    kw = _cache_kwarg(model)
+    times = []
+    for _ in range(repeats + 1):
+        cache = DynamicCache()
+        out = model(input_ids=ids, use_cache=True, **{kw: cache})
+        nxt = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            pos = torch.full((batch_size, 1), prompt_len + s, device=dev)
+            out = model(input_ids=nxt, position_ids=pos, use_cache=True, **{kw: cache})
+            nxt = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - t0)
+    return batch_size * steps / statistics.median(times[1:])
+
+
+def baseline_choices(num_layers: int, names: dict) -> dict[str, dict]:
+    """Hand-made children at matched cost: every FFN shrunk uniformly, and attention removed from the
+    last k layers (the two naive ways to make a model cheaper)."""
+    out = {}
+    for n in names["ffn"]:
+        if n.startswith("ffn_") and n not in ("ffn_100", "ffn_noop", "ffn_linear"):
+            out[f"uniform {n}"] = {(i, "ffn"): n for i in range(num_layers)}
+    for k in range(1, num_layers):
+        out[f"no attention in last {k}"] = {(i, "attention"): "attn_noop" for i in range(num_layers - k, num_layers)}
+    return out
+
+
+def describe(choice: dict, num_layers: int) -> list[dict]:
+    """Per-layer architecture rows, for tables and the heatmap."""
+    return [{"layer": i, "attention": choice.get((i, "attention"), "attn_parent"),
+             "ffn": choice.get((i, "ffn"), "ffn_100")} for i in range(num_layers)]
+
+
+def run_search(p: SearchParams) -> dict:
+    """The whole stage; returns {"scores", "costs", "frontier", "parent"} and writes them as CSV."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from lnkit.eval import evaluate, summarize
+    from lnkit.parent import load_data, load_model, resolve_device, save_model
+    from lnkit.puzzle.calibration import token_batches
+    from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
+    from lnkit.puzzle.library import assemble, load_library
+    from lnkit.puzzle.mip import InfeasibleBudget, solve
+    from lnkit.puzzle.scoring import score_candidates
+    from lnkit.stage import require
+
+    parent_dir = require(p.run_dir, "00_parent")
+    lib_dir = require(p.run_dir, "01_block_library")
+    out = stage_dir(p)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    parent, tok = load_model(parent_dir / "model", resolve_device(p.device))
+    library = load_library(lib_dir / "library")
+    batches = token_batches(tok, load_data(p.run_dir, "val"), rows=p.score_rows, row_len=p.score_len,
+                            batch_size=8, seed=p.seed + 1)
+    dev = next(parent.parameters()).device
+    scores = score_candidates(parent, library, [b.to(dev) for b in batches], progress=p.progress)
+    if p.cost_source == "measured":
+        costs = measure_costs(library, parent.config, p.batch_size, p.prompt_len, p.decode_len)
+    else:
+        costs = analytic_costs(library, parent.config.to_dict(), p.gpu, p.batch_size, p.prompt_len, p.decode_len)
+    pd.DataFrame(scores).to_csv(out / "scores.csv", index=False)
+    pd.DataFrame(costs).to_csv(out / "costs.csv", index=False)
+    cands = to_mip_candidates(scores, costs, score=p.score, cost_keys=("decode_s", "memory_bytes"))
+    parent_time = sum(c["decode_s"] for c in costs if c["name"] in ("attn_parent", "ffn_100"))
+
+    test = [it for d in ("math", "science", "code", "instruct", "chat")
+            for it in [i for i in load_data(p.run_dir, "test") if i.domain == d][: p.eval_n]]
+    n_layers = parent.config.num_hidden_layers
+
+    def measure(model) -> dict:
+        rows = evaluate(model, tok, test, modes=("off",), max_new_tokens=p.eval_max_new_tokens, progress=False)
+        acc = summarize(rows)
+        return {"accuracy": next(s["accuracy"] for s in acc if s["domain"] == "all"),
+                "math_accuracy": sum(r["correct"] for r in rows if r["domain"] == "math") / max(1, sum(r["domain"] == "math" for r in rows)),
+                "tokens_per_s": decode_throughput(model, p.batch_size, p.prompt_len, p.decode_len, p.timing_repeats)}
+
+    # The parent is measured as an all-parent nemotron-nas model: the same code path as every child, so
+    # the speed-ups compare architectures, not model classes.
+    parent_row = {"kind": "parent", "label": "parent", "budget": 1.0, **measure(assemble(parent, {}, library)), "objective": 0.0,
+                  "status": "", "solve_time_s": 0.0, "architecture": describe({}, n_layers)}
+    frontier = [parent_row]
+    names = {s: sorted({c.name for c in cands if c.slot == s}) for s in ("attention", "ffn")}
+    jobs = [("puzzle", f"budget {b:.2f}", b, None) for b in p.budgets if b < 1.0]
+    if p.baselines:
+        jobs += [("baseline", label, None, ch) for label, ch in baseline_choices(n_layers, names).items()]
+    for kind, label, budget, choice in tqdm(jobs, desc="children", disable=not p.progress):
+        row = {"kind": kind, "label": label, "budget": budget, "status": "", "solve_time_s": 0.0}
+        if kind == "puzzle":
+            try:
+                sol = solve(cands, budgets={"decode_s": budget * parent_time}, solver=p.solver,
+                            max_attention_layers=None if p.max_attention_layers < 0 else p.max_attention_layers)
+            except InfeasibleBudget as e:
+                frontier.append({**row, "status": f"infeasible: {e}"})
+                continue
+            choice = {k: c.name for k, c in sol.choice.items()}
+            row.update(status=sol.status, solve_time_s=sol.solve_time_s, objective=sol.objective)
+        else:
+            row["objective"] = sum(next(s[p.score] for s in scores if (s["layer"], s["slot"], s["name"]) == (k[0], k[1], v))
+                                   for k, v in choice.items())
+        row["priced_decode_fraction"] = sum(
+            next(c["decode_s"] for c in costs if (c["layer"], c["slot"], c["name"]) == (i, s, choice.get((i, s), "attn_parent" if s == "attention" else "ffn_100")))
+            for i in range(n_layers) for s in ("attention", "ffn")) / parent_time
+        child = assemble(parent, choice, library)
+        row.update(measure(child), architecture=describe(choice, n_layers))
+        if kind == "puzzle":
+            save_model(child, tok, out / "children" / label.replace(" ", "_"))
+        frontier.append(row)
+    for r in frontier:
+        r["speedup"] = r.get("tokens_per_s", float("nan")) / parent_row["tokens_per_s"]
+        r["accuracy_kept"] = (r.get("accuracy", float("nan")) / parent_row["accuracy"]
+                              if parent_row["accuracy"] > 0 else float("nan"))  # an untrained smoke parent
+    flat = [{k: v for k, v in r.items() if k != "architecture"} for r in frontier]
+    pd.DataFrame(flat).to_csv(out / "frontier.csv", index=False)
+    return {"scores": scores, "costs": costs, "frontier": frontier, "parent": parent_row}
+
+
+def plot_frontier(frontier: list[dict], title: str = "Puzzle frontier"):
+    """Accuracy against measured decode throughput: Puzzle's children, the baselines, the parent."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    pz = sorted((r for r in frontier if r["kind"] == "puzzle" and "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+    ax.plot([r["tokens_per_s"] for r in pz], [r["accuracy"] for r in pz], "o-", label="Puzzle (MIP)")
+    for prefix, marker in (("uniform", "s"), ("no attention", "^")):
+        rows = [r for r in frontier if r["kind"] == "baseline" and r["label"].startswith(prefix) and "tokens_per_s" in r]
+        ax.scatter([r["tokens_per_s"] for r in rows], [r["accuracy"] for r in rows], marker=marker,
+                   label=f"baseline: {prefix} {'FFN shrink' if prefix == 'uniform' else 'in last layers'}")
+    par = next(r for r in frontier if r["kind"] == "parent")
+    ax.scatter([par["tokens_per_s"]], [par["accuracy"]], marker="*", s=200, c="k", label="parent", zorder=5)
+    ax.axvline(2 * par["tokens_per_s"], ls=":", c="grey", lw=1)
+    ax.axhline(0.9 * par["accuracy"], ls=":", c="grey", lw=1)
+    ax.set_xlabel("measured decode throughput (tokens/s, this CPU)")
+    ax.set_ylabel("test accuracy (pass@1, thinking off)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_architecture(architecture: list[dict], ax=None, title: str = ""):
+    """A two-row heatmap: attention kind and FFN width per layer."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    att = {"attn_parent": 1.0, "attn_kv2": 0.5, "attn_kv4": 0.25, "attn_linear": 0.1, "attn_noop": 0.0}
+    val = [[att.get(r["attention"], 0.5) for r in architecture],
+           [0.0 if r["ffn"] == "ffn_noop" else 0.05 if r["ffn"] == "ffn_linear" else int(r["ffn"].split("_")[1]) / 100
+            for r in architecture]]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.5 * len(architecture) + 2, 1.6))
+    ax.imshow(np.array(val), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for j, r in enumerate(architecture):
+        ax.text(j, 0, r["attention"].replace("attn_", ""), ha="center", va="center", fontsize=7, color="w")
+        ax.text(j, 1, r["ffn"].replace("ffn_", ""), ha="center", va="center", fontsize=7, color="w")
+    ax.set_yticks([0, 1], ["attention", "FFN"])
+    ax.set_xticks(range(len(architecture)))
+    ax.set_xlabel("layer")
+    ax.set_title(title, fontsize=9)
+    return ax
