@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+import puzzle_helpers as helpers
 from lnkit.io import CheckpointError
 from lnkit.model import from_llama
 from lnkit.puzzle.library import (
@@ -29,41 +29,17 @@ from lnkit.puzzle.space import SearchSpace, SearchSpaceError, candidates_for
 STEPS = 40
 
 
-def tiny_llama(seed=0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms start at 1: perturb them so a dropped norm would show
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return m
-
-
-def batches(n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 101, (4, 32), generator=g) for _ in range(n)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These matrices are tiny: a second thread only adds contention (30x slower on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_thread)
 
 
 @pytest.fixture(scope="module")
 def parent():
-    return tiny_llama()
+    return helpers.tiny_llama()
 
 
 @pytest.fixture(scope="module")
 def library(parent):
-    return build_library(parent, batches(), steps=STEPS, progress=False)
+    return build_library(parent, helpers.batches(), steps=STEPS, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ search space
@@ -107,7 +83,7 @@ def test_candidates_cover_the_space(parent):
 
 def test_ffn_pruned_to_full_width_is_the_parent_exactly(parent):
     nas = from_llama(parent)
-    cal = calibrate(nas, batches(2), layers=[1])
+    cal = calibrate(nas, helpers.batches(2), layers=[1])
     src = nas.model.layers[1]
     imp = ffn_channel_importance(src, cal.inputs[(1, "ffn")])
     assert imp.shape == (128,) and (imp > 0).all()
@@ -153,9 +129,9 @@ def test_library_losses(library):
 
 
 def test_build_is_deterministic_and_layers_restrict(parent):
-    a = build_library(parent, batches(3), SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,)), layers=[1],
+    a = build_library(parent, helpers.batches(3), SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,)), layers=[1],
                       steps=5, seed=3, progress=False)
-    b = build_library(parent, batches(3), SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,)), layers=[1],
+    b = build_library(parent, helpers.batches(3), SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,)), layers=[1],
                       steps=5, seed=3, progress=False)
     assert {k[0] for k in a.entries} == {1}
     assert a.rows == b.rows
@@ -163,14 +139,14 @@ def test_build_is_deterministic_and_layers_restrict(parent):
         for n, t in (e.weights or {}).items():
             assert n.startswith("model.layers.1.")
             assert torch.equal(t, b.entries[k].weights[n])
-    assert set(calibrate(parent, batches(1), layers=[2]).inputs) == {(2, "attention"), (2, "ffn")}
+    assert set(calibrate(parent, helpers.batches(1), layers=[2]).inputs) == {(2, "attention"), (2, "ffn")}
 
 
 # ---------------------------------------------------------------------------------------------- assemble
 
 
 def test_assemble_all_parent_reproduces_parent_logits(parent, library):
-    ids = batches(1, seed=7)[0]
+    ids = helpers.batches(1, seed=7)[0]
     explicit = {(i, s): n for i in range(3) for s, n in (("attention", "attn_parent"), ("ffn", "ffn_100"))}
     for choice in ({}, explicit):
         child = assemble(parent, choice, library)
@@ -191,7 +167,7 @@ def test_assemble_mixed_generates(parent, library):
     assert child.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
     torch.testing.assert_close(child.model.layers[0].mlp.down_proj.weight,
                                library.entries[(0, "ffn", "ffn_50")].weights["model.layers.0.mlp.down_proj.weight"])
-    out = child.generate(batches(1)[0][:1, :5], max_new_tokens=6, do_sample=False)
+    out = child.generate(helpers.batches(1)[0][:1, :5], max_new_tokens=6, do_sample=False)
     assert out.shape == (1, 11)
     with pytest.raises(KeyError, match=r"\(1, 'ffn'\) = 'ffn_33' is not in the block library; allowed"):
         assemble(parent, {(1, "ffn"): "ffn_33"}, library)
@@ -207,7 +183,7 @@ def test_save_load_roundtrip_and_named_errors(tmp_path, parent, library):
     assert len(rows) == len(library.rows) and rows[1]["name"] == "attn_kv2"
     loaded = load_library(folder)
     assert loaded.rows == library.rows
-    ids = batches(1, seed=5)[0]
+    ids = helpers.batches(1, seed=5)[0]
     with torch.no_grad():
         a, b = assemble(parent, MIXED, library)(ids).logits, assemble(parent, MIXED, loaded)(ids).logits
     assert torch.equal(a, b)
@@ -226,7 +202,7 @@ def test_save_load_roundtrip_and_named_errors(tmp_path, parent, library):
 def test_jobs_split_by_layers_share_one_folder(tmp_path, parent):
     space = SearchSpace(kv_factors=(2,), ffn_fractions=(0.5,), attention_linear=False, ffn_linear=False)
     for layers in ([0], [2]):
-        save_library(build_library(parent, batches(2), space, layers=layers, steps=2, progress=False), tmp_path)
+        save_library(build_library(parent, helpers.batches(2), space, layers=layers, steps=2, progress=False), tmp_path)
     loaded = load_library(tmp_path)
     assert {k[0] for k in loaded.entries} == {0, 2}
     with open(tmp_path / "losses.csv") as f:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
+import puzzle_helpers as helpers
 from lnkit import deploy
 from lnkit.puzzle import mip
 from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
@@ -26,46 +27,22 @@ from lnkit.puzzle.space import PARENT_NAMES, candidates_for
 B, P, D = 2, 16, 8  # measured costs: batch, prompt and decode lengths (tiny: this is about behaviour)
 
 
-def tiny_llama(seed=0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2)
-    m = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # norms start at 1: perturb them so a dropped norm would show
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return m
-
-
-def batches(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 101, (4, 32), generator=g) for _ in range(n)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds contention on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(helpers.one_thread)
 
 
 @pytest.fixture(scope="module")
 def parent():
-    return tiny_llama()
+    return helpers.tiny_llama()
 
 
 @pytest.fixture(scope="module")
 def library(parent):
-    return build_library(parent, batches(4, seed=1), steps=5, progress=False)
+    return build_library(parent, helpers.batches(4, seed=1), steps=5, progress=False)
 
 
 @pytest.fixture(scope="module")
 def held_out():
-    return batches(2, seed=7)  # not the calibration batches
+    return helpers.batches(2, seed=7)  # not the calibration batches
 
 
 @pytest.fixture(scope="module")
