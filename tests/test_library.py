@@ -207,3 +207,15 @@ def test_jobs_split_by_layers_share_one_folder(tmp_path, parent):
     assert {k[0] for k in loaded.entries} == {0, 2}
     with open(tmp_path / "losses.csv") as f:
         assert {r["layer"] for r in csv.DictReader(f)} == {"0", "2"}
+
+
+def test_library_of_a_parent_with_no_op_and_linear_blocks(parent, library):
+    """Iterating Puzzle on a child: its no-op slots offer only themselves, its linear slots can still go."""
+    child = assemble(parent, {(1, "attention"): "attn_noop", (2, "ffn"): "ffn_linear"}, library)
+    lib2 = build_library(child, helpers.batches(2), steps=2, progress=False)
+    names = {(layer, slot): lib2.names(layer, slot) for layer in range(3) for slot in ("attention", "ffn")}
+    assert names[(1, "attention")] == ["attn_parent"]
+    assert "ffn_noop" in names[(2, "ffn")] and "ffn_linear" not in names[(2, "ffn")]
+    x = helpers.batches(1)[0]
+    same = assemble(child, {}, lib2)
+    torch.testing.assert_close(same(x).logits, child(x).logits, rtol=0, atol=1e-5)

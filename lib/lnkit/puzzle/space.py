@@ -88,6 +88,8 @@ def parent_nas_config(config) -> NemotronNasConfig:
 
 def _attention(layer: int, parent: AttentionConfig, num_heads: int, space: SearchSpace) -> list[Candidate]:
     out = [Candidate(layer, "attention", PARENT_NAMES["attention"], parent, is_parent=True)]
+    if parent.kind == "no_op":  # nothing is cheaper, and every other block could only learn to output zero
+        return out
     if parent.kind == "attention":
         g = parent.n_heads_in_group
         allowed = [f for f in (2 ** k for k in range(1, num_heads.bit_length() + 1)) if num_heads % (g * f) == 0]
@@ -108,6 +110,8 @@ def _attention(layer: int, parent: AttentionConfig, num_heads: int, space: Searc
 
 def _ffn(layer: int, parent: FFNConfig, hidden: int, space: SearchSpace) -> list[Candidate]:
     out = [Candidate(layer, "ffn", PARENT_NAMES["ffn"], parent, is_parent=True, fraction=1.0)]
+    if parent.kind == "no_op":  # as for attention: the parent's no-op is the only sensible variant
+        return out
     if parent.kind == "ffn":
         width = parent.width(hidden)
         for x in sorted(set(space.ffn_fractions) - {1}, reverse=True):
