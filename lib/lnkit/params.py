@@ -124,3 +124,29 @@ class StageParams:
             d = f.default if f.default is not MISSING else f.default_factory()
             lines.append(f"{f.name} = {d!r}  # {f.metadata.get('help', '')} ({_allowed(f)})")
         return "\n".join(lines)
+
+
+@dataclass
+class RunParams(StageParams):
+    """The fields every pipeline stage shares: where its artifacts and figures go, the seed, the device
+    and CPU threads, progress bars. A stage declares only its own fields on top (and may override a
+    default, as the Puzzle stages do for ``threads``)."""
+
+    run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
+    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
+    seed: int = param(0, "seed for data order, initialisation and sampling", lo=0)
+    device: str = param("cpu", "where to compute", choices=["cpu", "cuda", "auto"])
+    threads: int = param(0, "torch CPU threads; 0 keeps torch's default", lo=0, hi=256)
+    progress: bool = param(True, "show progress bars")
+
+    def setup_torch(self) -> str:
+        """Apply ``threads`` and return the device to use ('auto' resolved)."""
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ParamError(f"stage {self.STAGE}: device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
+        return self.device

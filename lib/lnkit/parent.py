@@ -24,21 +24,15 @@ from lnkit.data.tasks import DOMAINS, arithmetic_corpus
 from lnkit.data.tokenizer import save_tokenizer, train_tokenizer
 from lnkit.data.world import knowledge_corpus, make_world
 from lnkit.io import CheckpointError, atomic_dir, atomic_write_json, verify_checkpoint
-from lnkit.params import ParamError, StageParams, param
+from lnkit.params import ParamError, RunParams, param
 from lnkit.train.batches import PackedBatcher, encode_chat, encode_doc
 
 
 @dataclass
-class ParentParams(StageParams):
+class ParentParams(RunParams):
     """Stage 00 parameters (fields match ``notebooks/00_parent.ipynb``'s parameters cell)."""
 
     STAGE = "00_parent"
-    # --- run
-    run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
-    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
-    seed: int = param(0, "seed for sampling, initialisation and batches", lo=0)
-    device: str = param("cpu", "where to train", choices=["cpu", "cuda", "auto"])
-    threads: int = param(0, "torch CPU threads; 0 keeps torch's default", lo=0, hi=256)
     # --- the world
     world_seed: int = param(0, "seed of the fact base (creature and kind names)", lo=0)
     n_train: int = param(2000, "training items per domain for science, code, instruct and chat", lo=10)
@@ -64,7 +58,6 @@ class ParentParams(StageParams):
     eval_modes: list[str] = param(["off", "on"], "modes to evaluate", choices=["off", "on"])
     eval_k: int = param(1, "samples per prompt with thinking on (pass@1 averaged over them)", lo=1, hi=64)
     eval_max_new_tokens: int = param(64, "generation limit per answer", lo=1)
-    progress: bool = param(True, "show progress bars")
 
     def check(self):
         if self.parent_checkpoint and not Path(self.parent_checkpoint).is_dir():
@@ -179,23 +172,13 @@ def load_model(path: str | Path, device: str = "cpu"):
     return model, tok
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamError("stage 00_parent: device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
-    return name
-
-
 def train_parent(p: ParentParams):
     """Train the tiny parent (resuming from the stage's last checkpoint if there is one) and save it to
     ``model/``; or load ``parent_checkpoint``. Returns (model, tokenizer, per-step log)."""
     from lnkit.train.loop import LoopConfig, train_loop
 
     out = stage_dir(p)
-    device = resolve_device(p.device)
-    if p.threads:
-        torch.set_num_threads(p.threads)
+    device = p.setup_torch()
     if p.parent_checkpoint:
         model, tok = load_model(p.parent_checkpoint, device)
         if not isinstance(model, LlamaForCausalLM):

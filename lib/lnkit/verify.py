@@ -68,11 +68,16 @@ def check_constraint(answer: str, constraint: str, end_word: str = "") -> bool:
     raise ValueError(f"unknown constraint {constraint!r}")
 
 
+def _word_forms(text: str) -> set[str]:
+    """Lower-cased words, each also without a plural 's' ("Zogs" matches the kind "zog")."""
+    words = [w.lower() for w in _words(text)]
+    return set(words) | {w.rstrip("s") for w in words}
+
+
 def verify_instruct(answer: str, item) -> bool:
     """Every constraint holds and the answer names the right kind."""
     ok = all(check_constraint(answer, c, item.meta.get("end_word", "")) for c in item.meta["constraints"])
-    return ok and item.gold.lower() in [w.lower().rstrip("s") for w in _words(answer)] + [
-        w.lower() for w in _words(answer)]
+    return ok and item.gold.lower() in _word_forms(answer)
 
 
 def verify_chat(answer: str, item) -> bool:
@@ -82,7 +87,7 @@ def verify_chat(answer: str, item) -> bool:
     >>> verify_chat("Dips live in water.", S(gold="water", meta={"distractors": ["sand"]}))
     True
     """
-    words = {w.lower() for w in _words(answer)} | {w.lower().rstrip("s") for w in _words(answer)}
+    words = _word_forms(answer)
     return item.gold.lower() in words and not any(d.lower() in words for d in item.meta.get("distractors", []))
 
 

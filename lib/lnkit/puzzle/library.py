@@ -75,22 +75,20 @@ def _cpu(t):
 
 
 @torch.no_grad()
-def calibrate(parent, batches, layers=None) -> Calibration:
-    """Run the parent on ``batches`` (LongTensors ``[B, T]``, no padding) and record the chosen layers."""
-    nas = as_nas(parent).eval()
-    layers = check_layers(layers, nas.config.num_hidden_layers)
-    cal = Calibration({(i, s): [] for i in layers for s in SLOTS}, {(i, s): [] for i in layers for s in SLOTS})
-    seen = {}  # what the current batch's hooks saw, per layer
+def residual_stream(nas: NemotronNasForCausalLM, batches, layers, **forward_kwargs):
+    """Run ``nas`` on each batch and yield what its sub-blocks saw: ``(streams, rope, mask, output)``.
+
+    ``streams[i] = (x, mid, y)`` for each layer ``i`` in ``layers``: the residual stream entering the layer,
+    after its attention (entering the FFN) and leaving it. ``rope``/``mask`` are what every layer received;
+    ``output`` is the model's own output. Shared by :func:`calibrate` and the scorer's parent pass.
+    """
+    seen: dict = {}
 
     def before_layer(i):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            seen[i] = {"x": x}
-            if i == layers[0]:
-                cos, sin = kwargs["position_embeddings"]
-                cal.rope.append((_cpu(cos), _cpu(sin)))
-                mask = kwargs.get("attention_mask")
-                cal.masks.append(_cpu(mask) if torch.is_tensor(mask) else mask)
+            seen[i] = {"x": args[0] if args else kwargs["hidden_states"]}
+            if "rope" not in seen:
+                seen["rope"], seen["mask"] = kwargs["position_embeddings"], kwargs.get("attention_mask")
         return hook
 
     def before_ffn(i):
@@ -100,11 +98,7 @@ def calibrate(parent, batches, layers=None) -> Calibration:
 
     def after_layer(i):
         def hook(module, args, kwargs, out):
-            x, y = seen[i]["x"], out
-            mid = seen[i].get("mid", y)  # an FFN no-op in the parent has no norm to hook
-            for slot, (a, b) in {"attention": (x, mid), "ffn": (mid, y)}.items():
-                cal.inputs[(i, slot)].append(_cpu(a))
-                cal.targets[(i, slot)].append(_cpu(b - a))
+            seen[i]["y"] = out
         return hook
 
     handles = []
@@ -118,10 +112,28 @@ def calibrate(parent, batches, layers=None) -> Calibration:
         device = next(nas.parameters()).device
         for ids in batches:
             seen.clear()
-            nas(input_ids=ids.to(device), use_cache=False)
+            output = nas(input_ids=ids.to(device), use_cache=False, **forward_kwargs)
+            # an FFN no-op in the parent has no norm to hook: its input is the layer's output
+            streams = {i: (seen[i]["x"], seen[i].get("mid", seen[i]["y"]), seen[i]["y"]) for i in layers}
+            yield streams, seen["rope"], seen["mask"], output
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def calibrate(parent, batches, layers=None) -> Calibration:
+    """Run the parent on ``batches`` (LongTensors ``[B, T]``, no padding) and record the chosen layers."""
+    nas = as_nas(parent).eval()
+    layers = check_layers(layers, nas.config.num_hidden_layers)
+    cal = Calibration({(i, s): [] for i in layers for s in SLOTS}, {(i, s): [] for i in layers for s in SLOTS})
+    for streams, (cos, sin), mask, _ in residual_stream(nas, batches, layers):
+        cal.rope.append((_cpu(cos), _cpu(sin)))
+        cal.masks.append(_cpu(mask) if torch.is_tensor(mask) else mask)
+        for i, (x, mid, y) in streams.items():
+            for slot, (a, b) in {"attention": (x, mid), "ffn": (mid, y)}.items():
+                cal.inputs[(i, slot)].append(_cpu(a))
+                cal.targets[(i, slot)].append(_cpu(b - a))
     return cal
 
 

@@ -10,22 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lnkit.params import ParamError, StageParams, param
+from lnkit.params import ParamError, RunParams, param
 
 
 @dataclass
-class LibraryParams(StageParams):
+class LibraryParams(RunParams):
     """Stage 01 parameters (fields match ``notebooks/01_block_library.ipynb``'s parameters cell)."""
 
     STAGE = "01_block_library"
-    run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
-    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
-    seed: int = param(0, "seed for calibration data and distillation", lo=0)
-    device: str = param("cpu", "where to distill", choices=["cpu", "cuda", "auto"])
     threads: int = param(1, "torch CPU threads; sub-blocks of tiny models are small matrices, 1 is fastest", lo=0, hi=256)
-    progress: bool = param(True, "show progress bars")
     # --- search space
     kv_factors: list[int] = param([], "KV-head reduction factors to try (n_heads_in_group x factor); [] = every power of two that divides the heads", lo=2)
     attention_linear: bool = param(True, "include a linear replacement of attention")
@@ -61,15 +54,13 @@ def search_space(p: LibraryParams):
 
 def build(p: LibraryParams):
     """Load the parent, make calibration batches, build, distill and save the library; return (library, rows)."""
-    from lnkit.parent import load_data, load_model, resolve_device
+    from lnkit.parent import load_data, load_model
     from lnkit.puzzle.calibration import token_batches
     from lnkit.puzzle.library import build_library, save_library, write_rows_csv
     from lnkit.stage import require
 
     parent_dir = require(p.run_dir, "00_parent")
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    model, tok = load_model(parent_dir / "model", resolve_device(p.device))
+    model, tok = load_model(parent_dir / "model", p.setup_torch())
     batches = token_batches(tok, load_data(p.run_dir, "train"), rows=p.calib_rows, row_len=p.calib_len,
                             batch_size=p.calib_batch, seed=p.seed)
     batches = [b.to(next(model.parameters()).device) for b in batches]

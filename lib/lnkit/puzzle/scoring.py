@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lnkit.model.modeling import NemotronNasDecoderLayer
-from lnkit.puzzle.library import Library, as_nas, sub_block_delta
+from lnkit.puzzle.library import Library, as_nas, residual_stream, sub_block_delta
 
 METRICS = ("kl", "lm_loss", "cosine")
 
@@ -66,46 +66,14 @@ class ParentPass:
 def parent_pass(parent, batches) -> ParentPass:
     """Run the parent once on every batch, caching what :func:`replaced_hidden` restarts from."""
     nas = as_nas(parent).eval()
-    layers = nas.model.layers
-    out, seen = ParentPass(), {}
-
-    def before_layer(i):
-        def hook(module, args, kwargs):
-            seen[i] = [args[0] if args else kwargs["hidden_states"], None]
-            if i == 0:
-                seen["rope"], seen["mask"] = kwargs["position_embeddings"], kwargs.get("attention_mask")
-        return hook
-
-    def before_ffn(i):
-        def hook(module, args):
-            seen[i][1] = args[0]
-        return hook
-
-    def after_layer(i):
-        def hook(module, args, kwargs, y):
-            if seen[i][1] is None:  # an FFN no-op in the parent: its input is the layer's output
-                seen[i][1] = y
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
-        handles.append(layer.register_forward_hook(after_layer(i), with_kwargs=True))
-        if hasattr(layer, "post_attention_layernorm"):
-            handles.append(layer.post_attention_layernorm.register_forward_pre_hook(before_ffn(i)))
-    try:
-        device = next(nas.parameters()).device
-        for ids in batches:
-            seen.clear()
-            res = nas(input_ids=ids.to(device), use_cache=False, output_hidden_states=True)
-            out.residuals.append([tuple(seen[i]) for i in range(len(layers))])
-            out.rope.append(seen["rope"])
-            out.masks.append(seen["mask"])
-            out.logprobs.append(F.log_softmax(res.logits.float(), -1))
-            out.final.append(res.hidden_states[-1])
-    finally:
-        for h in handles:
-            h.remove()
+    layers = range(nas.config.num_hidden_layers)
+    out = ParentPass()
+    for streams, rope, mask, res in residual_stream(nas, batches, layers, output_hidden_states=True):
+        out.residuals.append([(streams[i][0], streams[i][1]) for i in layers])
+        out.rope.append(rope)
+        out.masks.append(mask)
+        out.logprobs.append(F.log_softmax(res.logits.float(), -1))
+        out.final.append(res.hidden_states[-1])
     return out
 
 

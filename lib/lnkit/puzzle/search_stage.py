@@ -22,20 +22,15 @@ from pathlib import Path
 
 import torch
 
-from lnkit.params import ParamError, StageParams, param
+from lnkit.params import ParamError, RunParams, param
 
 
 @dataclass
-class SearchParams(StageParams):
+class SearchParams(RunParams):
     """Stage 02 parameters (fields match ``notebooks/02_architecture_search.ipynb``'s parameters cell)."""
 
     STAGE = "02_architecture_search"
-    run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
-    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
-    seed: int = param(0, "seed for held-out batches", lo=0)
-    device: str = param("cpu", "where to score and measure", choices=["cpu", "cuda", "auto"])
     threads: int = param(1, "torch CPU threads for scoring and timing; 1 is the least noisy on 2 cores", lo=0, hi=256)
-    progress: bool = param(True, "show progress bars")
     score: str = param("kl", "replace-1-block score the MIP minimises", choices=["kl", "lm_loss", "cosine"])
     score_rows: int = param(32, "held-out (validation) rows for scoring", lo=1)
     score_len: int = param(128, "tokens per scoring row", lo=8)
@@ -112,20 +107,19 @@ def run_search(p: SearchParams) -> dict:
     from tqdm.auto import tqdm
 
     from lnkit.eval import evaluate, summarize
-    from lnkit.parent import load_data, load_model, resolve_device, save_model
+    from lnkit.parent import load_data, load_model, save_model
     from lnkit.puzzle.calibration import token_batches
     from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
     from lnkit.puzzle.library import assemble, load_library
     from lnkit.puzzle.mip import InfeasibleBudget, solve
     from lnkit.puzzle.scoring import score_candidates
+    from lnkit.puzzle.space import PARENT_NAMES
     from lnkit.stage import require
 
     parent_dir = require(p.run_dir, "00_parent")
     lib_dir = require(p.run_dir, "01_block_library")
     out = stage_dir(p)
-    if p.threads:
-        torch.set_num_threads(p.threads)
-    parent, tok = load_model(parent_dir / "model", resolve_device(p.device))
+    parent, tok = load_model(parent_dir / "model", p.setup_torch())
     library = load_library(lib_dir / "library")
     batches = token_batches(tok, load_data(p.run_dir, "val"), rows=p.score_rows, row_len=p.score_len,
                             batch_size=8, seed=p.seed + 1)
@@ -138,7 +132,10 @@ def run_search(p: SearchParams) -> dict:
     pd.DataFrame(scores).to_csv(out / "scores.csv", index=False)
     pd.DataFrame(costs).to_csv(out / "costs.csv", index=False)
     cands = to_mip_candidates(scores, costs, score=p.score, cost_keys=("decode_s", "memory_bytes"))
-    parent_time = sum(c["decode_s"] for c in costs if c["name"] in ("attn_parent", "ffn_100"))
+    score_of = {(r["layer"], r["slot"], r["name"]): r[p.score] for r in scores}
+    decode_of = {(c["layer"], c["slot"], c["name"]): c["decode_s"] for c in costs}
+    parent_time = sum(decode_of[(i, slot, PARENT_NAMES[slot])]
+                      for i in range(parent.config.num_hidden_layers) for slot in ("attention", "ffn"))
 
     test = [it for d in ("math", "science", "code", "instruct", "chat")
             for it in [i for i in load_data(p.run_dir, "test") if i.domain == d][: p.eval_n]]
@@ -172,11 +169,10 @@ def run_search(p: SearchParams) -> dict:
             choice = {k: c.name for k, c in sol.choice.items()}
             row.update(status=sol.status, solve_time_s=sol.solve_time_s, objective=sol.objective)
         else:
-            row["objective"] = sum(next(s[p.score] for s in scores if (s["layer"], s["slot"], s["name"]) == (k[0], k[1], v))
-                                   for k, v in choice.items())
+            row["objective"] = sum(score_of[(*k, v)] for k, v in choice.items())
         row["priced_decode_fraction"] = sum(
-            next(c["decode_s"] for c in costs if (c["layer"], c["slot"], c["name"]) == (i, s, choice.get((i, s), "attn_parent" if s == "attention" else "ffn_100")))
-            for i in range(n_layers) for s in ("attention", "ffn")) / parent_time
+            decode_of[(i, slot, choice.get((i, slot), PARENT_NAMES[slot]))]
+            for i in range(n_layers) for slot in ("attention", "ffn")) / parent_time
         child = assemble(parent, choice, library)
         row.update(measure(child), architecture=describe(choice, n_layers))
         if kind == "puzzle":
