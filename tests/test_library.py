@@ -219,3 +219,64 @@ def test_library_of_a_parent_with_no_op_and_linear_blocks(parent, library):
     x = helpers.batches(1)[0]
     same = assemble(child, {}, lib2)
     torch.testing.assert_close(same(x).logits, child(x).logits, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- coupled BLD
+
+
+@pytest.fixture(scope="module")
+def coupled(parent):
+    space = SearchSpace(kv_factors=(2,), ffn_fractions=(1.0, 0.5), attention_linear=False, ffn_linear=False)
+    return build_library(parent, helpers.batches(), space, layers=[0, 2], steps=STEPS, coupled=True, progress=False)
+
+
+def test_coupled_library_has_every_pair_trained_as_a_whole_layer(parent, coupled):
+    from lnkit.puzzle.library import nmse
+    from lnkit.puzzle.space import COUPLED
+
+    names = coupled.names(0, COUPLED)
+    assert len(names) == 3 * 3 and names[0] == "attn_parent+ffn_100" and "attn_kv2+ffn_50" in names
+    rows = {(r["layer"], r["name"]): r for r in coupled.rows}
+    assert rows[(0, "attn_parent+ffn_100")]["loss_init"] < 1e-10  # the parent pair reproduces the layer
+    assert rows[(0, "attn_noop+ffn_noop")]["loss_init"] == pytest.approx(1.0)  # no-op: delta 0, nmse 1
+    pair = rows[(2, "attn_kv2+ffn_50")]
+    assert pair["loss_bld"] < pair["loss_init"]  # trained jointly, on the whole layer's output
+    # the stored weights hold both sub-blocks under the released names of that layer
+    w = coupled.entries[(2, COUPLED, "attn_kv2+ffn_50")].weights
+    assert any(k.startswith("model.layers.2.self_attn.k_proj") for k in w) and "model.layers.2.mlp.up_proj.weight" in w
+    assert w["model.layers.2.self_attn.k_proj.weight"].shape[0] == 64 // 2  # half the KV heads
+    # its loss is the whole layer's: recompute on the layer's calibration input and delta
+    cal = calibrate(parent, helpers.batches(), layers=[2])
+    cal.inputs[(2, COUPLED)] = cal.inputs[(2, "attention")]
+    cal.targets[(2, COUPLED)] = [a + f for a, f in zip(cal.targets[(2, "attention")], cal.targets[(2, "ffn")])]
+    from lnkit.puzzle.scoring import candidate_module
+    module = candidate_module(coupled.entries[(2, COUPLED, "attn_kv2+ffn_50")], parent)
+    assert nmse(module, cal, (2, COUPLED)) == pytest.approx(pair["loss_bld"], rel=1e-4)
+
+
+def test_coupled_library_round_trips_assembles_scores_and_prices(parent, coupled, tmp_path):
+    from lnkit.puzzle.costs import measure_costs, to_mip_candidates
+    from lnkit.puzzle.mip import solve
+    from lnkit.puzzle.scoring import score_candidates, score_child
+    from lnkit.puzzle.space import COUPLED
+
+    loaded = load_library(save_library(coupled, tmp_path / "lib"))
+    assert list(loaded.entries) == list(coupled.entries)
+    key = (2, COUPLED, "attn_kv2+ffn_50")
+    assert [p.name for p in loaded.entries[key].candidate.parts] == ["attn_kv2", "ffn_50"]
+    child = assemble(parent, {(2, COUPLED): "attn_kv2+ffn_50"}, loaded)
+    blocks = child.config.block_configs
+    assert blocks[2].attention.n_heads_in_group == 2 and blocks[2].ffn.intermediate_size == 64
+    assert blocks[0] == from_llama(parent).config.block_configs[0]  # unchosen layers stay the parent's
+    held_out = helpers.batches(2, seed=7)
+    scores = score_candidates(parent, loaded, held_out, progress=False)
+    fast = {(r["layer"], r["slot"], r["name"]): r for r in scores}[key]
+    assert fast["kl"] == pytest.approx(score_child(parent, child, held_out)["kl"], abs=1e-6)
+    costs = measure_costs(loaded, parent.config, 2, 8, 4, repeats=1, warmup=0)
+    c = {(r["layer"], r["name"]): r for r in costs}
+    assert c[(0, "attn_noop+ffn_noop")]["decode_s"] == 0 and c[(0, "attn_noop+ffn_noop")]["is_attention"] == 0
+    assert c[(0, "attn_kv2+ffn_100")]["is_attention"] == 1
+    assert c[(0, "attn_kv2+ffn_100")]["kv_bytes"] * 2 == c[(0, "attn_parent+ffn_100")]["kv_bytes"]
+    first = [r for r in scores if r["layer"] == 0], [r for r in costs if r["layer"] == 0]  # the MIP wants layers 0..n
+    sol = solve(to_mip_candidates(*first, cost_keys=("params",)), max_attention_layers=0)
+    assert all(c.name.startswith("attn_noop+") for c in sol.choice.values())

@@ -88,6 +88,59 @@ def test_fast_path_equals_assembling_the_child(parent, library, held_out, scores
         assert by_key(scores)[key][m] == pytest.approx(v, abs=1e-5), m
 
 
+def test_scores_on_chosen_positions_match_a_direct_computation(parent, library, held_out):
+    """Masked scores equal KL / LM loss / cosine computed by hand on exactly the selected positions, and
+    differ from the all-position scores; a mask on a row's last position or selecting nothing is refused."""
+    key = (1, "attention", "attn_noop")
+    positions = [torch.zeros_like(ids, dtype=torch.bool) for ids in held_out]
+    for m in positions:
+        m[:, 3:9] = True
+    small = type(library)({key: library.entries[key]})
+    got = score_candidates(parent, small, held_out, positions=positions, progress=False)[0]
+    child = assemble(parent, {key[:2]: key[2]}, library)
+    nas = as_nas(parent)
+    kl = ce = cos = 0.0
+    n = 0
+    with torch.no_grad():
+        for ids, m in zip(held_out, positions):
+            p_out = nas(input_ids=ids, output_hidden_states=True)
+            c_out = child(input_ids=ids, output_hidden_states=True)
+            lp, lc = p_out.logits.log_softmax(-1)[m], c_out.logits.log_softmax(-1)[m]
+            kl += (lp.exp() * (lp - lc)).sum().item()
+            ce += -lc.gather(-1, ids[:, 1:][m[:, :-1]][:, None]).sum().item()
+            cos += torch.nn.functional.cosine_similarity(p_out.hidden_states[-1][m], c_out.hidden_states[-1][m], dim=-1).sum().item()
+            n += int(m.sum())
+    assert got["kl"] == pytest.approx(kl / n, rel=1e-4)
+    assert got["lm_loss"] == pytest.approx(ce / n, rel=1e-4)
+    assert got["cosine"] == pytest.approx(1 - cos / n, abs=1e-5)
+    everywhere = score_candidates(parent, small, held_out, progress=False)[0]
+    assert got["kl"] != pytest.approx(everywhere["kl"], rel=1e-3)
+    last = [m.clone() for m in positions]
+    last[0][:, -1] = True
+    with pytest.raises(ValueError, match="False at each row's last position"):
+        score_candidates(parent, small, held_out, positions=last, progress=False)
+    with pytest.raises(ValueError, match="selects no token"):
+        score_candidates(parent, small, held_out, positions=[torch.zeros_like(m) for m in positions], progress=False)
+
+
+def test_assistant_positions_mark_the_tokens_before_each_answer_token(tok, small_splits):
+    from lnkit.puzzle.calibration import assistant_positions, token_batches
+    from lnkit.train.batches import encode_chat
+
+    items = small_splits["test"][:20]
+    kw = dict(rows=4, row_len=64, batch_size=2, seed=3)
+    batches, masks = token_batches(tok, items, **kw), assistant_positions(tok, items, **kw)
+    assert [b.shape for b in batches] == [m.shape for m in masks] and all(m.dtype == torch.bool for m in masks)
+    assert not any(m[:, -1].any() for m in masks)
+    # one item: each row starts with a whole encoding of it, in one of the three system-prompt modes
+    one = assistant_positions(tok, items[:1], rows=1, row_len=200, batch_size=1, seed=3)[0][0].tolist()
+    row = token_batches(tok, items[:1], rows=1, row_len=200, batch_size=1, seed=3)[0][0].tolist()
+    ids, labels = next(e for e in (encode_chat(tok, items[0].prompt, items[0].direct, m) for m in (None, "on", "off"))
+                       if row[: len(e[0])] == e[0])
+    assert one[: len(ids) - 1] == [lab != -100 for lab in labels[1:]]
+    assert 0 < sum(one[: len(ids)]) < len(ids) - 1
+
+
 def test_metrics_can_be_chosen_and_unknown_ones_are_refused(parent, library, held_out):
     small = type(library)({k: e for k, e in library.entries.items() if k[0] == 2 and k[1] == "ffn"})
     rows = score_candidates(parent, small, held_out[:1], metrics=("cosine",), progress=False)

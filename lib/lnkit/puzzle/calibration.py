@@ -5,6 +5,9 @@ Puzzle distils blocks on text drawn from the parent's own training distribution 
 under the same random system prompts the parent saw, concatenated and cut into fixed-length rows with no
 padding (what :func:`lnkit.puzzle.library.calibrate` expects). Examples may share a row: attention across
 an example boundary is ordinary pretraining-style context and the same for parent and candidate.
+
+:func:`assistant_positions` marks, per row, the positions whose next token is an assistant token (the part
+of the text the parent was trained to predict), so scores can ignore prompts the parent never learned.
 """
 
 from __future__ import annotations
@@ -13,22 +16,40 @@ import random
 
 import torch
 
-from lnkit.train.batches import encode_chat
+from lnkit.train.batches import IGNORE, encode_chat
 
 
-def token_batches(tok, items, *, rows: int, row_len: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    """``rows`` rows of ``row_len`` tokens in batches of ``batch_size`` (LongTensors ``[B, row_len]``)."""
+def _streams(tok, items, rows: int, row_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not items:
         raise ValueError("token_batches needs at least one item")
     rng = random.Random(f"{seed}-calibration")
     order = list(items)
-    stream: list[int] = []
-    while len(stream) < rows * row_len:
+    ids: list[int] = []
+    labels: list[int] = []
+    while len(ids) < rows * row_len:
         rng.shuffle(order)
         for it in order:
-            ids, _ = encode_chat(tok, it.prompt, it.direct, rng.choice([None, "on", "off"]))
-            stream += ids
-            if len(stream) >= rows * row_len:
+            i, lab = encode_chat(tok, it.prompt, it.direct, rng.choice([None, "on", "off"]))
+            ids += i
+            labels += lab
+            if len(ids) >= rows * row_len:
                 break
-    t = torch.tensor(stream[: rows * row_len], dtype=torch.long).view(rows, row_len)
+    n = rows * row_len
+    return (torch.tensor(ids[:n], dtype=torch.long).view(rows, row_len),
+            torch.tensor(labels[:n], dtype=torch.long).view(rows, row_len))
+
+
+def token_batches(tok, items, *, rows: int, row_len: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """``rows`` rows of ``row_len`` tokens in batches of ``batch_size`` (LongTensors ``[B, row_len]``)."""
+    t, _ = _streams(tok, items, rows, row_len, seed)
     return [t[i : i + batch_size] for i in range(0, rows, batch_size)]
+
+
+def assistant_positions(tok, items, *, rows: int, row_len: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """For the same rows as :func:`token_batches` (same arguments), bool ``[B, row_len]``: True where the
+    *next* token is an assistant token, i.e. where the parent's prediction was trained. The last position
+    of a row has no next token in the row and is False."""
+    _, labels = _streams(tok, items, rows, row_len, seed)
+    pos = torch.zeros_like(labels, dtype=torch.bool)
+    pos[:, :-1] = labels[:, 1:] != IGNORE
+    return [pos[i : i + batch_size] for i in range(0, rows, batch_size)]

@@ -48,7 +48,7 @@ def _candidates(library_or_candidates) -> list:
 def _row(c, params, kv_bytes, memory_bytes, prefill_s, decode_s) -> dict:
     return {"layer": c.layer, "slot": c.slot, "name": c.name, "params": int(params), "kv_bytes": int(kv_bytes),
             "memory_bytes": int(memory_bytes), "prefill_s": float(prefill_s), "decode_s": float(decode_s),
-            "is_attention": int(c.slot == "attention" and c.config.kind == "attention")}
+            "is_attention": int(c.block().attention.kind == "attention")}
 
 
 def _check_lengths(batch_size, prompt_len, decode_len):
@@ -122,13 +122,16 @@ def measure_costs(library_or_candidates, parent_config, batch_size: int, prompt_
     nbytes = torch.empty((), dtype=dtype).element_size()
     timed, rows = {}, []
     for c in _candidates(library_or_candidates):
-        key = (c.slot, c.config)
-        if key not in timed:
-            timed[key] = _time_block(cfg, c, batch_size, prompt_len, decode_len, repeats, warmup, device, dtype)
+        times = []
+        for part in c.parts or (c,):  # a coupled block costs what its two parts cost
+            key = (part.slot, part.config)
+            if key not in timed:
+                timed[key] = _time_block(cfg, part, batch_size, prompt_len, decode_len, repeats, warmup, device, dtype)
+            times.append(timed[key])
         params = sum(p.numel() for p in NemotronNasDecoderLayer(cfg, c.block(), c.layer, 0).parameters())
-        kv_heads = c.config.num_kv_heads(cfg.num_attention_heads) if c.slot == "attention" else 0
+        kv_heads = c.block().attention.num_kv_heads(cfg.num_attention_heads)
         kv = 2 * kv_heads * cfg.head_size * nbytes * batch_size * (prompt_len + decode_len)
-        rows.append(_row(c, params, kv, params * nbytes + kv, *timed[key]))
+        rows.append(_row(c, params, kv, params * nbytes + kv, sum(t[0] for t in times), sum(t[1] for t in times)))
     return rows
 
 

@@ -13,13 +13,16 @@ Steps, each a plain function:
    on calibration activations (:func:`fit_linear`); no-op has no weights.
 3. :func:`distill` (BLD): the candidate gets the parent's own input to that sub-block and learns to reproduce
    the parent sub-block's output, loss = normalised MSE (MSE / mean square of the target, so 1.0 is "no-op").
-   Attention and FFN are trained separately (decoupled BLD).
+   Attention and FFN are trained separately (decoupled BLD, the default), or, with ``coupled=True``, each
+   (attention, FFN) pair as a whole layer on the layer's input and output (coupled BLD), starting from the
+   two decoupled initialisations.
 4. :func:`save_library` / :func:`load_library` store it one checksummed folder per candidate, and
    :func:`assemble` builds a child ``NemotronNasForCausalLM`` from one choice per layer and slot.
 
 Deviations from the paper: losses are measured on the calibration batches the candidate was trained on (no
 held-out split); BLD keeps the initial weights when training did not lower that loss (so ``loss_bld <=
-loss_init`` by construction); the coupled variant (a whole layer trained together) is not implemented.
+loss_init`` by construction); coupled BLD trains every pair of the two lists (the paper trains a chosen
+subset), so keep the lists short for coupled libraries.
 Parent variants are not trained and store no weights: :func:`assemble` takes them from the parent.
 """
 
@@ -29,19 +32,28 @@ import copy
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lnkit.blocks import AttentionConfig, FFNConfig
+from lnkit.blocks import AttentionConfig, BlockConfig, FFNConfig
 from lnkit.io import CheckpointError, atomic_dir, atomic_path, atomic_write_json, verify_checkpoint
 from lnkit.model.config import NemotronNasConfig
 from lnkit.model.convert import from_llama
 from lnkit.model.modeling import NemotronNasDecoderLayer, NemotronNasForCausalLM
-from lnkit.puzzle.space import PARENT_NAMES, SLOTS, Candidate, SearchSpace, candidates_for, check_layers
+from lnkit.puzzle.space import (
+    COUPLED,
+    PARENT_NAMES,
+    SLOTS,
+    Candidate,
+    SearchSpace,
+    candidates_for,
+    check_layers,
+    couple,
+)
 
 ROW_FIELDS = ("layer", "slot", "name", "params", "loss_init", "loss_bld")
 WEIGHTS, BLOCK_JSON = "weights.safetensors", "block.json"
@@ -141,7 +153,10 @@ def calibrate(parent, batches, layers=None) -> Calibration:
 
 
 def sub_block_delta(module: NemotronNasDecoderLayer, x, rope=None, mask=None):
-    """What a one-slot candidate layer adds to the residual stream ``x`` (zeros for a no-op)."""
+    """What a one-slot candidate layer adds to the residual stream ``x`` (zeros for a no-op); for a layer
+    with both sub-blocks (coupled), what the whole layer adds."""
+    if getattr(module, "attention_kind", "no_op") != "no_op" and module.ffn_kind != "no_op":
+        return module(x, attention_mask=mask, position_embeddings=rope) - x
     if getattr(module, "attention_kind", "no_op") != "no_op":
         h = module.input_layernorm(x)
         if module.attention_kind == "linear":
@@ -212,7 +227,17 @@ def fit_linear(norm, inputs, targets, ridge: float = 1e-6) -> torch.Tensor:
 
 @torch.no_grad()
 def init_candidate(cand: Candidate, parent: NemotronNasForCausalLM, cal: Calibration) -> NemotronNasDecoderLayer:
-    """The candidate as a one-slot decoder layer, its weights derived from the parent's layer."""
+    """The candidate as a one-slot decoder layer, its weights derived from the parent's layer; a coupled
+    candidate as a whole layer holding its two parts' initialisations."""
+    if cand.slot == COUPLED:
+        module = NemotronNasDecoderLayer(parent.config, cand.block(), cand.layer, 0)
+        p = next(parent.parameters())
+        module.to(device=p.device, dtype=p.dtype)
+        sd = {}
+        for part in cand.parts:
+            sd.update(init_candidate(part, parent, cal).state_dict())
+        module.load_state_dict(sd, strict=True)
+        return module.eval()
     src = parent.model.layers[cand.layer]
     module = NemotronNasDecoderLayer(parent.config, cand.block(), cand.layer, 0)
     p = next(parent.parameters())
@@ -327,15 +352,21 @@ class Library:
 
 
 def build_library(parent, batches, space: SearchSpace | None = None, *, layers=None, steps: int = 100,
-                  lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Library:
+                  lr: float = 1e-3, seed: int = 0, coupled: bool = False, progress: bool = True) -> Library:
     """Calibrate, initialise and distill every candidate of ``layers`` (``None``: all); deterministic in ``seed``.
 
-    ``layers`` lets a cluster split the library across jobs, each saving into the same folder. The sub-blocks
-    of tiny models are small matrices: on a busy small CPU ``torch.set_num_threads(1)`` is far faster.
+    ``layers`` lets a cluster split the library across jobs, each saving into the same folder. ``coupled``
+    builds one whole-layer candidate per (attention, FFN) pair instead (coupled BLD). The sub-blocks of tiny
+    models are small matrices: on a busy small CPU ``torch.set_num_threads(1)`` is far faster.
     """
     nas = as_nas(parent).eval()
     cands = candidates_for(nas.config, space or SearchSpace(), layers)
     cal = calibrate(nas, batches, layers)
+    if coupled:
+        cands = couple(cands)
+        for i in check_layers(layers, nas.config.num_hidden_layers):  # the whole layer: input x, delta y - x
+            cal.inputs[(i, COUPLED)] = cal.inputs[(i, "attention")]
+            cal.targets[(i, COUPLED)] = [a + f for a, f in zip(cal.targets[(i, "attention")], cal.targets[(i, "ffn")])]
     entries = {}
     for k, cand in enumerate(tqdm(cands, desc="block library", disable=not progress)):
         torch.manual_seed(seed + k)
@@ -346,7 +377,7 @@ def build_library(parent, batches, space: SearchSpace | None = None, *, layers=N
         else:
             loss_init, loss_bld = distill(module, cal, key, steps=steps, lr=lr, seed=seed + k)
         prefix = f"model.layers.{cand.layer}."
-        weights = None if cand.is_parent or cand.config.kind == "no_op" else {
+        weights = None if cand.is_parent or not list(module.parameters()) else {
             prefix + n: t.detach().to("cpu").contiguous() for n, t in module.state_dict().items()}
         params = sum(p.numel() for p in module.parameters())
         entries[(cand.layer, cand.slot, cand.name)] = Entry(cand, weights, params, loss_init, loss_bld)
@@ -387,6 +418,14 @@ def save_library(library: Library, folder) -> Path:
     return folder
 
 
+def _attention_config(cfg: dict) -> AttentionConfig:
+    return AttentionConfig(cfg["no_op"], cfg["replace_with_linear"], cfg["n_heads_in_group"])
+
+
+def _ffn_config(cfg: dict) -> FFNConfig:
+    return FFNConfig(cfg["no_op"], cfg["replace_with_linear"], cfg["ffn_mult"], cfg.get("intermediate_size"))
+
+
 def load_library(folder) -> Library:
     """Every candidate indexed in ``folder``, each checked against its manifest first.
 
@@ -406,12 +445,17 @@ def load_library(folder) -> Library:
                 raise CheckpointError(f"block library candidate {name} is missing or corrupt: {e}") from None
             meta = json.loads((path / BLOCK_JSON).read_text())
             cfg = meta["config"]
-            if meta["slot"] == "attention":
-                config = AttentionConfig(cfg["no_op"], cfg["replace_with_linear"], cfg["n_heads_in_group"])
+            if meta["slot"] == COUPLED:
+                config = BlockConfig(_attention_config(cfg["attention"]), _ffn_config(cfg["ffn"]))
             else:
-                config = FFNConfig(cfg["no_op"], cfg["replace_with_linear"], cfg["ffn_mult"], cfg.get("intermediate_size"))
+                config = (_attention_config if meta["slot"] == "attention" else _ffn_config)(cfg)
             cand = Candidate(meta["layer"], meta["slot"], meta["name"], config, meta["is_parent"],
                              meta["kv_factor"], meta["fraction"])
+            if cand.slot == COUPLED:
+                a, f = cand.name.split("+")
+                cand = replace(cand, parts=(
+                    Candidate(cand.layer, "attention", a, config.attention, a == PARENT_NAMES["attention"], cand.kv_factor),
+                    Candidate(cand.layer, "ffn", f, config.ffn, f == PARENT_NAMES["ffn"], fraction=cand.fraction)))
             weights = load_file(str(path / WEIGHTS)) if (path / WEIGHTS).is_file() else None
             entries[(cand.layer, cand.slot, cand.name)] = Entry(cand, weights, meta["params"], meta["loss_init"],
                                                                 meta["loss_bld"])
@@ -430,24 +474,29 @@ def _slot_keys(state: dict, layer: int, slot: str) -> dict:
 @torch.no_grad()
 def assemble(parent, choice: dict, library: Library) -> NemotronNasForCausalLM:
     """The child model: for each ``(layer, slot)`` the candidate named in ``choice`` (missing keys and the
-    parent variants ``attn_parent`` / ``ffn_100`` take the parent's weights); embeddings, final norm and
+    parent variants ``attn_parent`` / ``ffn_100`` / ``attn_parent+ffn_100`` take the parent's weights; a
+    coupled library is chosen from by ``(layer, "block")`` keys); embeddings, final norm and
     LM head are the parent's. Same device, dtype and generation config as the parent; eval mode."""
     nas = as_nas(parent)
     cfg, parent_state = nas.config, nas.state_dict()
     blocks, state = [], {k: v for k, v in parent_state.items() if not k.startswith("model.layers.")}
+    coupled = any(slot == COUPLED for _, slot, _ in library.entries)
     for i in range(cfg.num_hidden_layers):
         block = {}
-        for slot in SLOTS:
+        for slot in (COUPLED,) if coupled else SLOTS:
             name = choice.get((i, slot), PARENT_NAMES[slot])
             entry = library.entries.get((i, slot, name))
             if entry is None and name != PARENT_NAMES[slot]:
                 raise KeyError(f"choice ({i}, {slot!r}) = {name!r} is not in the block library; "
                                f"allowed: {[PARENT_NAMES[slot]] + [n for n in library.names(i, slot) if n != PARENT_NAMES[slot]]}")
+            parent_block = cfg.block_configs[i]
             if entry is None or entry.candidate.is_parent:
-                block[slot] = getattr(cfg.block_configs[i], slot).to_dict()
-                state.update(_slot_keys(parent_state, i, slot))
+                for part in SLOTS if slot == COUPLED else (slot,):
+                    block[part] = getattr(parent_block, part).to_dict()
+                    state.update(_slot_keys(parent_state, i, part))
             else:
-                block[slot] = entry.candidate.config.to_dict()
+                c = entry.candidate
+                block.update(c.config.to_dict() if slot == COUPLED else {slot: c.config.to_dict()})
                 state.update(entry.weights or {})
         blocks.append(block)
     raw = cfg.to_dict()

@@ -27,7 +27,7 @@ class LibraryParams(RunParams):
     ffn_linear: bool = param(True, "include a linear replacement of the FFN")
     ffn_no_op: bool = param(True, "include removing the FFN")
     # --- blockwise local distillation
-    bld: str = param("decoupled", "attention and FFN trained separately (the paper's default; coupled is not implemented)", choices=["decoupled"])
+    bld: str = param("decoupled", "decoupled: attention and FFN trained separately (the paper's default); coupled: every (attention, FFN) pair trained as a whole layer", choices=["decoupled", "coupled"])
     layers: list[int] = param([], "layers to build ([] = all): lets a cluster split the library across jobs", lo=0)
     calib_rows: int = param(64, "calibration rows of training text", lo=1)
     calib_len: int = param(128, "tokens per calibration row", lo=8)
@@ -65,7 +65,7 @@ def build(p: LibraryParams):
                             batch_size=p.calib_batch, seed=p.seed)
     batches = [b.to(next(model.parameters()).device) for b in batches]
     library = build_library(model, batches, search_space(p), layers=p.layers or None, steps=p.bld_steps,
-                            lr=p.bld_lr, seed=p.seed, progress=p.progress)
+                            lr=p.bld_lr, seed=p.seed, coupled=p.bld == "coupled", progress=p.progress)
     out = stage_dir(p)
     save_library(library, out / "library")
     write_rows_csv(library.rows, out / "losses.csv")

@@ -9,6 +9,11 @@ alone: the child is the parent everywhere except that one (layer, slot). Three m
 - ``cosine``: 1 - mean cosine similarity of the final hidden states (after the final norm, what the LM head
   reads) of child and parent.
 
+By default every position counts. ``positions`` restricts all three to chosen positions, e.g. those that
+predict an assistant token: a parent trained with the loss on answers only never learned to predict its
+prompts, so an LM loss over prompt tokens rewards blocks that *damage* the model (removing a block can lower
+it), and KL there measures changes nobody will see.
+
 Speed: the parent runs once per batch (:func:`parent_pass`), keeping its logits and, per layer, the residual
 stream entering the layer and entering its FFN. A candidate at layer ``L`` cannot change anything before it,
 so :func:`replaced_hidden` starts from that cached residual and runs only the candidate sub-block and the
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lnkit.model.modeling import NemotronNasDecoderLayer
 from lnkit.puzzle.library import Library, as_nas, residual_stream, sub_block_delta
+from lnkit.puzzle.space import COUPLED
 
 METRICS = ("kl", "lm_loss", "cosine")
 
@@ -92,8 +98,9 @@ def candidate_module(entry, parent) -> NemotronNasDecoderLayer:
     p = next(nas.parameters())
     module.to(device=p.device, dtype=p.dtype)
     if cand.is_parent:
-        parts = ("input_layernorm.", "self_attn.") if cand.slot == "attention" else ("post_attention_layernorm.", "mlp.")
-        state = {k: v for k, v in nas.model.layers[cand.layer].state_dict().items() if k.startswith(parts)}
+        parts = {"attention": ("input_layernorm.", "self_attn."), "ffn": ("post_attention_layernorm.", "mlp.")}
+        keep = parts["attention"] + parts["ffn"] if cand.slot == COUPLED else parts[cand.slot]
+        state = {k: v for k, v in nas.model.layers[cand.layer].state_dict().items() if k.startswith(keep)}
     else:
         prefix = f"model.layers.{cand.layer}."
         state = {k[len(prefix):]: v for k, v in (entry.weights or {}).items()}
@@ -114,7 +121,9 @@ def replaced_hidden(parent, passed: ParentPass, b: int, module, layer: int, slot
     nas = as_nas(parent)
     rope, mask = passed.rope[b], passed.masks[b]
     x, mid = passed.residuals[b][layer]
-    if slot == "attention":
+    if slot == COUPLED:
+        x = x + sub_block_delta(module, x, rope, mask)
+    elif slot == "attention":
         x = x + sub_block_delta(module, x, rope, mask)
         x = x + _parent_ffn_delta(nas.model.layers[layer], x)
     else:
@@ -134,15 +143,29 @@ class _Totals:
         self.kl = self.ce = self.cos = 0.0
         self.tokens = self.targets = 0
 
-    def add(self, ids, parent_logprobs, parent_final, logits, final):
+    def add(self, ids, parent_logprobs, parent_final, logits, final, positions=None):
+        """Add one batch; ``positions`` (bool ``[B, T]``) restricts every metric to those positions (the
+        LM loss there predicts the next token, so a selected position must not be a row's last)."""
         logp = F.log_softmax(logits.float(), -1)
         p = parent_logprobs.exp()
-        self.kl += (p * (parent_logprobs - logp)).sum(-1).double().sum().item()
-        self.ce += F.cross_entropy(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1).to(logp.device),
-                                   reduction="sum").double().item()
-        self.cos += F.cosine_similarity(final.float(), parent_final.float(), dim=-1).double().sum().item()
-        self.tokens += ids.numel()
-        self.targets += ids[:, 1:].numel()
+        kl = (p * (parent_logprobs - logp)).sum(-1)
+        cos = F.cosine_similarity(final.float(), parent_final.float(), dim=-1)
+        ce = F.cross_entropy(logp[:, :-1].transpose(1, 2), ids[:, 1:].to(logp.device), reduction="none")
+        if positions is None:
+            self.kl += kl.double().sum().item()
+            self.cos += cos.double().sum().item()
+            self.ce += ce.double().sum().item()
+            self.tokens += ids.numel()
+            self.targets += ids[:, 1:].numel()
+            return
+        pos = positions.to(kl.device)
+        if pos.shape != ids.shape or pos[:, -1].any():
+            raise ValueError("positions must be a bool mask shaped like the batch, False at each row's last position")
+        self.kl += kl[pos].double().sum().item()
+        self.cos += cos[pos].double().sum().item()
+        self.ce += ce[pos[:, :-1]].double().sum().item()
+        self.tokens += int(pos.sum())
+        self.targets += int(pos.sum())
 
     def row(self, metrics, parent_lm_loss):
         out = {}
@@ -156,43 +179,59 @@ class _Totals:
         return out
 
 
-def _parent_lm_loss(passed: ParentPass, batches) -> float:
-    ce = n = 0.0
-    for ids, logp in zip(batches, passed.logprobs):
-        ce += F.nll_loss(logp[:, :-1].reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1).to(logp.device),
-                         reduction="sum").double().item()
-        n += ids[:, 1:].numel()
-    return ce / n
+def _parent_lm_loss(passed: ParentPass, batches, positions=None) -> float:
+    tot = _Totals()
+    for b, ids in enumerate(batches):
+        tot.add(ids, passed.logprobs[b], passed.final[b], passed.logprobs[b], passed.final[b],
+                None if positions is None else positions[b])
+    return tot.ce / max(tot.targets, 1)
+
+
+def _check_positions(positions, batches):
+    if positions is None:
+        return None
+    positions = list(positions)
+    if len(positions) != len(batches):
+        raise ValueError(f"positions has {len(positions)} masks for {len(batches)} batches")
+    if not any(bool(m.any()) for m in positions):
+        raise ValueError("positions selects no token: nothing to score")
+    return positions
 
 
 @torch.no_grad()
-def score_child(parent, child, batches, metrics=METRICS) -> dict:
+def score_child(parent, child, batches, metrics=METRICS, positions=None) -> dict:
     """The slow reference: run the whole ``child`` (e.g. from :func:`~lnkit.puzzle.library.assemble`) and the
     parent on ``batches`` and score it with the same metrics as :func:`score_candidates`."""
     metrics = _check_metrics(metrics)
     batches = list(batches)
+    positions = _check_positions(positions, batches)
     passed = parent_pass(parent, batches)
     child = child.eval()
     device = next(child.parameters()).device
     tot = _Totals()
     for b, ids in enumerate(batches):
         res = child(input_ids=ids.to(device), use_cache=False, output_hidden_states=True)
-        tot.add(ids, passed.logprobs[b], passed.final[b], res.logits, res.hidden_states[-1])
-    return tot.row(metrics, _parent_lm_loss(passed, batches))
+        tot.add(ids, passed.logprobs[b], passed.final[b], res.logits, res.hidden_states[-1],
+                None if positions is None else positions[b])
+    return tot.row(metrics, _parent_lm_loss(passed, batches, positions))
 
 
 @torch.no_grad()
-def score_candidates(parent, library: Library, batches, metrics=METRICS, progress: bool = True) -> list[dict]:
+def score_candidates(parent, library: Library, batches, metrics=METRICS, progress: bool = True,
+                     positions=None) -> list[dict]:
     """Replace-1-block scores of every candidate in ``library``, the parent everywhere else.
 
     Returns one row per candidate, in library order: ``{layer, slot, name}`` plus the chosen metrics
-    (``lm_loss`` brings ``lm_loss_delta``). Parent variants score ~0 (rounding only).
+    (``lm_loss`` brings ``lm_loss_delta``). Parent variants score ~0 (rounding only). ``positions``: one bool
+    mask per batch (e.g. :func:`lnkit.puzzle.calibration.assistant_positions`) restricting every metric to
+    those positions; ``None`` scores every position.
     """
     metrics = _check_metrics(metrics)
     batches = list(batches)
+    positions = _check_positions(positions, batches)
     nas = as_nas(parent).eval()
     passed = parent_pass(nas, batches)
-    parent_loss = _parent_lm_loss(passed, batches)
+    parent_loss = _parent_lm_loss(passed, batches, positions)
     rows = []
     for entry in tqdm(list(library.entries.values()), desc="replace-1-block scores", disable=not progress):
         c = entry.candidate
@@ -200,6 +239,7 @@ def score_candidates(parent, library: Library, batches, metrics=METRICS, progres
         tot = _Totals()
         for b, ids in enumerate(batches):
             final = replaced_hidden(nas, passed, b, module, c.layer, c.slot)
-            tot.add(ids, passed.logprobs[b], passed.final[b], nas.lm_head(final), final)
+            tot.add(ids, passed.logprobs[b], passed.final[b], nas.lm_head(final), final,
+                    None if positions is None else positions[b])
         rows.append({"layer": c.layer, "slot": c.slot, "name": c.name, **tot.row(metrics, parent_loss)})
     return rows

@@ -32,6 +32,8 @@ class SearchParams(RunParams):
     STAGE = "02_architecture_search"
     threads: int = param(1, "torch CPU threads for scoring and timing; 1 is the least noisy on 2 cores", lo=0, hi=256)
     score: str = param("kl", "replace-1-block score the MIP minimises", choices=["kl", "lm_loss", "cosine"])
+    score_tokens: str = param("all", "positions the score counts: all, or those predicting an assistant token",
+                              choices=["all", "assistant"])
     score_rows: int = param(32, "held-out (validation) rows for scoring", lo=1)
     score_len: int = param(128, "tokens per scoring row", lo=8)
     cost_source: str = param("measured", "price blocks by timing them here, or analytically for `gpu`", choices=["measured", "analytic"])
@@ -40,7 +42,11 @@ class SearchParams(RunParams):
     prompt_len: int = param(64, "prompt tokens before decoding", lo=1)
     decode_len: int = param(32, "decoded tokens (costs at the mean context)", lo=1)
     budgets: list[float] = param([0.8, 0.65, 0.5, 0.4, 0.3], "decode-time budgets as fractions of the parent's", lo=0.01, hi=1.0)
+    memory_budget: float = param(0.0, "cap on weights + KV cache as a fraction of the parent's (0: none)", lo=0.0, hi=1.0)
+    param_budget: float = param(0.0, "cap on parameters in the layers as a fraction of the parent's (0: none)", lo=0.0, hi=1.0)
     max_attention_layers: int = param(-1, "cap on attention layers (-1: none)", lo=-1)
+    diverse_k: int = param(1, "distinct solutions per budget (MIP no-good cuts), each assembled and evaluated", lo=1, hi=10)
+    min_differences: int = param(1, "slots in which each extra solution differs from the earlier ones", lo=1)
     solver: str = param("auto", "MIP solver", choices=["auto", "highs", "cbc"])
     baselines: bool = param(True, "evaluate uniform FFN shrinking and last-layers attention removal too")
     eval_n: int = param(60, "test items per domain for the frontier's accuracy", lo=1)
@@ -95,10 +101,28 @@ def baseline_choices(num_layers: int, names: dict) -> dict[str, dict]:
     return out
 
 
+def couple_choice(choice: dict, num_layers: int) -> dict:
+    """A decoupled choice ``{(layer, "attention"|"ffn"): name}`` as the coupled library's ``(layer, "block")``
+    keys (unchosen slots keep the parent's variant).
+
+    >>> couple_choice({(1, "ffn"): "ffn_50"}, 2)
+    {(0, 'block'): 'attn_parent+ffn_100', (1, 'block'): 'attn_parent+ffn_50'}
+    """
+    from lnkit.puzzle.space import PARENT_NAMES
+
+    return {(i, "block"): "+".join(choice.get((i, s), PARENT_NAMES[s]) for s in ("attention", "ffn"))
+            for i in range(num_layers)}
+
+
 def describe(choice: dict, num_layers: int) -> list[dict]:
-    """Per-layer architecture rows, for tables and the heatmap."""
-    return [{"layer": i, "attention": choice.get((i, "attention"), "attn_parent"),
-             "ffn": choice.get((i, "ffn"), "ffn_100")} for i in range(num_layers)]
+    """Per-layer architecture rows, for tables and the heatmap (a coupled choice is split into its parts)."""
+    from lnkit.puzzle.space import split_name
+
+    flat = {}
+    for (i, slot), name in choice.items():
+        flat.update({(i, s): n for s, n in split_name(slot, name).items()})
+    return [{"layer": i, "attention": flat.get((i, "attention"), "attn_parent"),
+             "ffn": flat.get((i, "ffn"), "ffn_100")} for i in range(num_layers)]
 
 
 def run_search(p: SearchParams) -> dict:
@@ -108,12 +132,12 @@ def run_search(p: SearchParams) -> dict:
 
     from lnkit.eval import evaluate, summarize
     from lnkit.parent import load_data, load_model, save_model
-    from lnkit.puzzle.calibration import token_batches
+    from lnkit.puzzle.calibration import assistant_positions, token_batches
     from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
     from lnkit.puzzle.library import assemble, load_library
-    from lnkit.puzzle.mip import InfeasibleBudget, solve
+    from lnkit.puzzle.mip import InfeasibleBudget, solve_diverse
     from lnkit.puzzle.scoring import score_candidates
-    from lnkit.puzzle.space import PARENT_NAMES
+    from lnkit.puzzle.space import PARENT_NAMES, split_name
     from lnkit.stage import require
 
     parent_dir = require(p.run_dir, "00_parent")
@@ -121,21 +145,28 @@ def run_search(p: SearchParams) -> dict:
     out = stage_dir(p)
     parent, tok = load_model(parent_dir / "model", p.setup_torch())
     library = load_library(lib_dir / "library")
-    batches = token_batches(tok, load_data(p.run_dir, "val"), rows=p.score_rows, row_len=p.score_len,
-                            batch_size=8, seed=p.seed + 1)
+    held_out = dict(rows=p.score_rows, row_len=p.score_len, batch_size=8, seed=p.seed + 1)
+    val = load_data(p.run_dir, "val")
+    batches = token_batches(tok, val, **held_out)
+    positions = assistant_positions(tok, val, **held_out) if p.score_tokens == "assistant" else None
     dev = next(parent.parameters()).device
-    scores = score_candidates(parent, library, [b.to(dev) for b in batches], progress=p.progress)
+    scores = score_candidates(parent, library, [b.to(dev) for b in batches], progress=p.progress, positions=positions)
     if p.cost_source == "measured":
         costs = measure_costs(library, parent.config, p.batch_size, p.prompt_len, p.decode_len)
     else:
         costs = analytic_costs(library, parent.config.to_dict(), p.gpu, p.batch_size, p.prompt_len, p.decode_len)
     pd.DataFrame(scores).to_csv(out / "scores.csv", index=False)
     pd.DataFrame(costs).to_csv(out / "costs.csv", index=False)
-    cands = to_mip_candidates(scores, costs, score=p.score, cost_keys=("decode_s", "memory_bytes"))
+    cands = to_mip_candidates(scores, costs, score=p.score, cost_keys=("decode_s", "memory_bytes", "params"))
     score_of = {(r["layer"], r["slot"], r["name"]): r[p.score] for r in scores}
     decode_of = {(c["layer"], c["slot"], c["name"]): c["decode_s"] for c in costs}
+    slots = sorted({c["slot"] for c in costs})  # ["attention", "ffn"], or ["block"] for a coupled library
     parent_time = sum(decode_of[(i, slot, PARENT_NAMES[slot])]
-                      for i in range(parent.config.num_hidden_layers) for slot in ("attention", "ffn"))
+                      for i in range(parent.config.num_hidden_layers) for slot in slots)
+    parent_cost = {key: sum(c[key] for c in costs if c["name"] == PARENT_NAMES[c["slot"]])
+                   for key in ("memory_bytes", "params")}
+    fixed_budgets = {key: frac * parent_cost[key] for key, frac in
+                     (("memory_bytes", p.memory_budget), ("params", p.param_budget)) if frac > 0}
 
     test = [it for d in ("math", "science", "code", "instruct", "chat")
             for it in [i for i in load_data(p.run_dir, "test") if i.domain == d][: p.eval_n]]
@@ -153,38 +184,62 @@ def run_search(p: SearchParams) -> dict:
     parent_row = {"kind": "parent", "label": "parent", "budget": 1.0, **measure(assemble(parent, {}, library)), "objective": 0.0,
                   "status": "", "solve_time_s": 0.0, "architecture": describe({}, n_layers)}
     frontier = [parent_row]
-    names = {s: sorted({c.name for c in cands if c.slot == s}) for s in ("attention", "ffn")}
+    names = {s: sorted({n.get(s) for c in cands for n in [split_name(c.slot, c.name)]} - {None}) for s in ("attention", "ffn")}
     jobs = [("puzzle", f"budget {b:.2f}", b, None) for b in p.budgets if b < 1.0]
     if p.baselines:
         jobs += [("baseline", label, None, ch) for label, ch in baseline_choices(n_layers, names).items()]
-    for kind, label, budget, choice in tqdm(jobs, desc="children", disable=not p.progress):
-        row = {"kind": kind, "label": label, "budget": budget, "status": "", "solve_time_s": 0.0}
-        if kind == "puzzle":
-            try:
-                sol = solve(cands, budgets={"decode_s": budget * parent_time}, solver=p.solver,
-                            max_attention_layers=None if p.max_attention_layers < 0 else p.max_attention_layers)
-            except InfeasibleBudget as e:
-                frontier.append({**row, "status": f"infeasible: {e}"})
-                continue
-            choice = {k: c.name for k, c in sol.choice.items()}
-            row.update(status=sol.status, solve_time_s=sol.solve_time_s, objective=sol.objective)
-        else:
-            row["objective"] = sum(score_of[(*k, v)] for k, v in choice.items())
+    def add_child(row: dict, choice: dict, save: bool):
         row["priced_decode_fraction"] = sum(
             decode_of[(i, slot, choice.get((i, slot), PARENT_NAMES[slot]))]
-            for i in range(n_layers) for slot in ("attention", "ffn")) / parent_time
+            for i in range(n_layers) for slot in slots) / parent_time
         child = assemble(parent, choice, library)
         row.update(measure(child), architecture=describe(choice, n_layers))
-        if kind == "puzzle":
-            save_model(child, tok, out / "children" / label.replace(" ", "_"))
+        if save:
+            save_model(child, tok, out / "children" / row["label"].replace(" ", "_").replace("#", "alt"))
         frontier.append(row)
+
+    for kind, label, budget, choice in tqdm(jobs, desc="children", disable=not p.progress):
+        row = {"kind": kind, "label": label, "budget": budget, "status": "", "solve_time_s": 0.0}
+        if kind == "baseline":
+            if slots == ["block"]:
+                choice = couple_choice(choice, n_layers)
+            row["objective"] = sum(score_of[(*k, v)] for k, v in choice.items())
+            add_child(row, choice, save=False)
+            continue
+        try:
+            sols = solve_diverse(cands, p.diverse_k, min_differences=p.min_differences, solver=p.solver,
+                                 budgets={"decode_s": budget * parent_time, **fixed_budgets},
+                                 max_attention_layers=None if p.max_attention_layers < 0 else p.max_attention_layers)
+        except InfeasibleBudget as e:
+            frontier.append({**row, "status": f"infeasible: {e}"})
+            continue
+        for j, sol in enumerate(sols):
+            alt = {**row, "label": label if j == 0 else f"{label} #{j + 1}", "kind": "puzzle" if j == 0 else "puzzle_alt",
+                   "status": sol.status, "solve_time_s": sol.solve_time_s, "objective": sol.objective}
+            add_child(alt, {k: c.name for k, c in sol.choice.items()}, save=True)
     for r in frontier:
         r["speedup"] = r.get("tokens_per_s", float("nan")) / parent_row["tokens_per_s"]
         r["accuracy_kept"] = (r.get("accuracy", float("nan")) / parent_row["accuracy"]
                               if parent_row["accuracy"] > 0 else float("nan"))  # an untrained smoke parent
     flat = [{k: v for k, v in r.items() if k != "architecture"} for r in frontier]
     pd.DataFrame(flat).to_csv(out / "frontier.csv", index=False)
-    return {"scores": scores, "costs": costs, "frontier": frontier, "parent": parent_row}
+    return {"scores": scores, "costs": costs, "frontier": frontier, "parent": parent_row, "candidates": cands,
+            "parent_cost": {"decode_s": parent_time, **parent_cost}, "fixed_budgets": fixed_budgets}
+
+
+def solve_at(result: dict, budget: float, p: SearchParams) -> dict:
+    """The MIP's child at a decode-time ``budget`` (fraction of the parent's) under the stage's other budgets,
+    without assembling it: its architecture and priced costs as fractions of the parent's. For the explorer
+    (milliseconds per solve); raises :class:`~lnkit.puzzle.mip.InfeasibleBudget` like the sweep."""
+    from lnkit.puzzle.mip import solve
+
+    pc = result["parent_cost"]
+    sol = solve(result["candidates"], budgets={"decode_s": budget * pc["decode_s"], **result["fixed_budgets"]},
+                solver=p.solver, max_attention_layers=None if p.max_attention_layers < 0 else p.max_attention_layers)
+    n_layers = 1 + max(layer for layer, _ in sol.choice)
+    return {"architecture": describe({k: c.name for k, c in sol.choice.items()}, n_layers),
+            "objective": sol.objective, "status": sol.status, "solve_time_s": sol.solve_time_s,
+            **{f"{k}_fraction": sol.costs[k] / pc[k] for k in pc if pc[k] > 0}}
 
 
 def plot_frontier(frontier: list[dict], title: str = "Puzzle frontier"):
@@ -194,6 +249,10 @@ def plot_frontier(frontier: list[dict], title: str = "Puzzle frontier"):
     fig, ax = plt.subplots(figsize=(6.4, 4))
     pz = sorted((r for r in frontier if r["kind"] == "puzzle" and "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
     ax.plot([r["tokens_per_s"] for r in pz], [r["accuracy"] for r in pz], "o-", label="Puzzle (MIP)")
+    alt = [r for r in frontier if r["kind"] == "puzzle_alt" and "tokens_per_s" in r]
+    if alt:
+        ax.scatter([r["tokens_per_s"] for r in alt], [r["accuracy"] for r in alt], facecolors="none",
+                   edgecolors="C0", label="Puzzle, next-best distinct solutions")
     for prefix, marker in (("uniform", "s"), ("no attention", "^")):
         rows = [r for r in frontier if r["kind"] == "baseline" and r["label"].startswith(prefix) and "tokens_per_s" in r]
         ax.scatter([r["tokens_per_s"] for r in rows], [r["accuracy"] for r in rows], marker=marker,

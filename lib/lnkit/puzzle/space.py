@@ -8,6 +8,10 @@ released-format :class:`~lnkit.blocks.AttentionConfig` / :class:`~lnkit.blocks.F
 - FFN: fractions of the parent's width (``ffn_100`` is the parent, ``ffn_50`` half its channels, ...),
   a linear replacement (``ffn_linear``) and no-op (``ffn_noop``).
 
+A *coupled* space (:func:`couple`) pairs them: one ``"block"`` candidate per (attention, FFN) combination of
+a layer, named ``"attn_kv2+ffn_50"``, trained and scored as a whole layer (Puzzle's coupled BLD). It grows as
+the product of the two lists, so trim them for coupled libraries.
+
 The parent variants (``attn_parent``, ``ffn_100``) are always in the space: the MIP must be able to keep a
 layer as it is. Widths are explicit ``intermediate_size`` values (tiny models; see :mod:`lnkit.blocks`), so a
 fraction means "that share of the parent's channels", rounded to the nearest channel.
@@ -22,7 +26,8 @@ from lnkit.model.config import NemotronNasConfig
 from lnkit.model.convert import nas_config_from_llama
 
 SLOTS = ("attention", "ffn")
-PARENT_NAMES = {"attention": "attn_parent", "ffn": "ffn_100"}
+COUPLED = "block"  # the one slot per layer of a coupled library: an attention variant and an FFN variant together
+PARENT_NAMES = {"attention": "attn_parent", "ffn": "ffn_100", COUPLED: "attn_parent+ffn_100"}
 
 
 class SearchSpaceError(ValueError):
@@ -67,15 +72,19 @@ class Candidate:
     """One variant of one slot of one layer; ``config`` is its released-format sub-block config."""
 
     layer: int
-    slot: str  # "attention" or "ffn"
+    slot: str  # "attention", "ffn", or "block" (coupled: both)
     name: str
-    config: AttentionConfig | FFNConfig
+    config: AttentionConfig | FFNConfig | BlockConfig
     is_parent: bool = False
     kv_factor: int = 1  # attention: how many parent KV heads are merged into one
     fraction: float | None = None  # FFN: share of the parent's channels kept
+    parts: tuple = ()  # coupled: the (attention, FFN) candidates it combines
 
     def block(self) -> BlockConfig:
-        """A layer holding only this sub-block (the other slot no-op): how a candidate is built and trained."""
+        """A layer holding only this sub-block (the other slot no-op): how a candidate is built and trained.
+        A coupled candidate is a whole layer."""
+        if self.slot == COUPLED:
+            return self.config
         if self.slot == "attention":
             return BlockConfig(self.config, FFNConfig(no_op=True))
         return BlockConfig(AttentionConfig(no_op=True), self.config)
@@ -155,6 +164,42 @@ def candidates_for(parent_config, space: SearchSpace = SearchSpace(), layers=Non
         out += _attention(i, block.attention, cfg.num_attention_heads, space)
         out += _ffn(i, block.ffn, cfg.hidden_size, space)
     return out
+
+
+def couple(candidates: list[Candidate]) -> list[Candidate]:
+    """Coupled candidates: per layer, every (attention, FFN) pair of ``candidates`` as one ``"block"``
+    candidate, the parent pair first.
+
+    >>> from transformers import LlamaConfig
+    >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    >>> pairs = couple(candidates_for(cfg, SearchSpace(ffn_fractions=(1.0, 0.5), attention_linear=False, ffn_linear=False)))
+    >>> len(pairs), pairs[0].name, pairs[0].is_parent, pairs[-1].name, pairs[-1].kv_factor
+    (12, 'attn_parent+ffn_100', True, 'attn_noop+ffn_noop', 1)
+    """
+    out = []
+    for layer in sorted({c.layer for c in candidates}):
+        att = [c for c in candidates if c.layer == layer and c.slot == "attention"]
+        ffn = [c for c in candidates if c.layer == layer and c.slot == "ffn"]
+        if not att or not ffn:
+            raise SearchSpaceError(f"layer {layer}: coupling needs attention and FFN candidates")
+        for a in att:
+            for f in ffn:
+                out.append(Candidate(layer, COUPLED, f"{a.name}+{f.name}", BlockConfig(a.config, f.config),
+                                     is_parent=a.is_parent and f.is_parent, kv_factor=a.kv_factor,
+                                     fraction=f.fraction, parts=(a, f)))
+    return out
+
+
+def split_name(slot: str, name: str) -> dict:
+    """``{"attention": ..., "ffn": ...}`` names of a choice: a coupled name is split at ``+``.
+
+    >>> split_name("block", "attn_kv2+ffn_50"), split_name("ffn", "ffn_50")
+    ({'attention': 'attn_kv2', 'ffn': 'ffn_50'}, {'ffn': 'ffn_50'})
+    """
+    if slot == COUPLED:
+        a, f = name.split("+")
+        return {"attention": a, "ffn": f}
+    return {slot: name}
 
 
 def check_layers(layers, num_layers: int) -> list[int]:
