@@ -160,6 +160,8 @@ def load_model(path: str | Path, device: str = "cpu"):
     lnkit checkpoints are verified against their manifest first: a truncated or altered file is a
     :class:`~lnkit.io.CheckpointError` naming it.
     """
+    import lnkit.model  # noqa: F401  (registers nemotron-nas with the Auto classes, for children)
+
     path = Path(path)
     if (path / "manifest.json").exists() or not (path / "config.json").exists():
         verify_checkpoint(path)
