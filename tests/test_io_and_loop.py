@@ -17,6 +17,15 @@ from lnkit.train.batches import Batcher, collate, encode_chat
 from lnkit.train.loop import LoopConfig, train_loop
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: a second thread only adds contention on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_atomic_write_leaves_old_file_on_error(tmp_path):
     p = tmp_path / "m.json"
     atomic_write_json(p, {"a": 1})
@@ -177,3 +186,186 @@ def test_checkpoint_of_other_parameters_is_not_resumed(tmp_path, tok, tiny_llama
     rows = train_loop(tiny_llama, batches, LoopConfig(steps=8, lr=1e-3, warmup=1, ckpt_every=4), tmp_path,
                       progress=False, fingerprint="run-b")
     assert [r["step"] for r in rows] == list(range(8))  # started over, did not continue run-a
+
+
+# ------------------------------------------------------------- accumulation, the spike guard, exact resume
+
+
+def _linear_data(n_steps=40, rows=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_steps, rows, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * torch.randn(n_steps, rows, 1, generator=g)
+    return x, y
+
+
+def _mse(model, batch):
+    return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+
+
+def _linear(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 1)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    x, y = _linear_data()
+
+    def full(step):
+        return {"x": x[step], "y": y[step], "n_tokens": 8}
+
+    def half(i):  # micro-batch k of step s is batch s * 2 + k: the two halves of the full batch
+        s, k = divmod(i, 2)
+        return {"x": x[s, 4 * k : 4 * k + 4], "y": y[s, 4 * k : 4 * k + 4], "n_tokens": 4}
+
+    a, b = _linear(), _linear()
+    ra = train_loop(a, full, LoopConfig(steps=30, lr=0.2, warmup=3), tmp_path / "a", progress=False, loss_fn=_mse)
+    rb = train_loop(b, half, LoopConfig(steps=30, lr=0.2, warmup=3, accum=2), tmp_path / "b", progress=False,
+                    loss_fn=_mse)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-5)
+    assert [r["tokens"] for r in rb] == [8] * 30
+    assert all(abs(p["loss"] - q["loss"]) < 1e-4 for p, q in zip(ra, rb))
+    assert ra[-1]["loss"] < 0.2 * ra[0]["loss"]
+
+
+def _guarded(**kw):
+    return LoopConfig(**{"steps": 20, "lr": 0.05, "warmup": 2, "ckpt_every": 5, "spike_factor": 10.0, **kw})
+
+
+def _faulty(x, y, bad_step, times, fault):
+    """Batches of the linear data, and a loss that ``fault``s the first ``times`` computations of ``bad_step``."""
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(batch["step"])
+        loss = _mse(model, batch)
+        return fault(loss) if batch["step"] == bad_step and seen.count(bad_step) <= times else loss
+
+    return (lambda s: {"x": x[s], "y": y[s], "step": s, "n_tokens": 8}), loss_fn, seen
+
+
+def test_nan_loss_rolls_back_to_the_last_checkpoint_with_a_lower_lr(tmp_path, capsys):
+    from lnkit.train.loop import lr_at
+
+    x, y = _linear_data()
+    batches, loss_fn, seen = _faulty(x, y, bad_step=12, times=1, fault=lambda loss: loss * float("nan"))
+    model, cfg = _linear(), _guarded()
+    rows = train_loop(model, batches, cfg, tmp_path, progress=False, loss_fn=loss_fn)
+    assert [r["step"] for r in rows] == list(range(20))
+    assert seen[:14] == list(range(13)) + [10]  # step 12 failed; the run went back to the checkpoint at 10
+    assert [r["rollbacks"] for r in rows] == [0] * 10 + [1] * 10
+    assert all(r["lr"] == lr_at(r["step"], cfg) for r in rows[:10])
+    assert all(r["lr"] == 0.5 * lr_at(r["step"], cfg) for r in rows[10:])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "rollback 1/3 at step 12: loss is nan; back to the checkpoint at step 10" in capsys.readouterr().out
+    log = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert "rollbacks" in log[0] and len(log) == 21
+
+
+def test_gradient_spike_is_rolled_back_and_an_unguarded_run_applies_it(tmp_path):
+    x, y = _linear_data()
+    spike = lambda loss: loss * 1e4  # noqa: E731 - a gradient 10^4 times the usual
+    batches, loss_fn, seen = _faulty(x, y, bad_step=15, times=1, fault=spike)
+    guarded = train_loop(_linear(), batches, _guarded(), tmp_path / "guarded", progress=False, loss_fn=loss_fn)
+    assert seen[15:17] == [15, 15] and guarded[-1]["rollbacks"] == 1  # rolled back to 15 itself
+    assert max(r["grad_norm"] for r in guarded) < 100
+
+    batches, loss_fn, _ = _faulty(x, y, bad_step=15, times=1, fault=spike)
+    plain = train_loop(_linear(), batches, _guarded(spike_factor=0.0), tmp_path / "plain", progress=False,
+                       loss_fn=loss_fn)
+    assert plain[15]["grad_norm"] > 1000 and plain[-1]["rollbacks"] == 0
+
+
+def test_too_many_rollbacks_raise_naming_the_step(tmp_path):
+    from lnkit.train.loop import TrainingDiverged
+
+    x, y = _linear_data()
+    batches, loss_fn, seen = _faulty(x, y, bad_step=7, times=99, fault=lambda loss: loss * float("inf"))
+    with pytest.raises(TrainingDiverged, match=r"step 7 is bad \(loss is inf\) after 2 rollbacks"):
+        train_loop(_linear(), batches, _guarded(max_rollbacks=2), tmp_path, progress=False, loss_fn=loss_fn)
+    assert seen.count(7) == 3 and seen.count(5) == 3  # back to the checkpoint at 5 twice, then gave up
+
+
+def test_killed_and_resumed_run_ends_exactly_like_an_unbroken_one(tmp_path):
+    """Accumulation, the guard (with a rollback), a random loss term and extra logged columns: a run
+    killed mid-step and resumed gives bit-identical weights and the same log as an unbroken run."""
+    import csv
+
+    x, y = _linear_data()
+    cfg = _guarded(steps=24, accum=2, ckpt_every=4)
+
+    def run(out, crash_at=None):
+        seen = []
+
+        def batches(i):
+            if i == crash_at:
+                raise KeyboardInterrupt("killed")
+            s, k = divmod(i, 2)
+            return {"x": x[s, 4 * k : 4 * k + 4], "y": y[s, 4 * k : 4 * k + 4], "step": s, "n_tokens": 4}
+
+        def loss_fn(model, batch):
+            seen.append(batch["step"])
+            noise = 0.01 * torch.randn(())  # consumes torch's random stream: resume must restore it
+            loss = _mse(model, batch) + noise
+            if batch["step"] == 9 and seen.count(9) <= 2:  # the first attempt at step 9 blows up
+                loss = loss * float("nan")
+            return {"loss": loss, "noise": noise.item()}
+
+        torch.manual_seed(123)
+        model = _linear()
+        return model, train_loop(model, batches, cfg, out, progress=False, loss_fn=loss_fn)
+
+    ref_model, ref_rows = run(tmp_path / "unbroken")
+    assert ref_rows[-1]["rollbacks"] == 1 and "noise" in ref_rows[0]
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "broken", crash_at=2 * 14 + 1)  # killed in the middle of step 14
+    model, rows = run(tmp_path / "broken")
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+    def drop_time(rs):
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]
+
+    assert drop_time(rows) == drop_time(ref_rows)
+    on_disk = [drop_time(csv.DictReader(open(tmp_path / d / "train_log.csv"))) for d in ("unbroken", "broken")]
+    assert on_disk[0] == on_disk[1] and len(on_disk[0]) == 24
+
+
+def test_checkpoint_of_another_model_with_the_same_parameters_is_refused(tmp_path):
+    """Other parameters: start over (above). Same parameters but the checkpoint's tensors do not fit the
+    model: an input changed under the run; refuse, naming the folder."""
+    x, y = _linear_data()
+    batches = lambda s: {"x": x[s], "y": y[s], "n_tokens": 8}  # noqa: E731
+    cfg = LoopConfig(steps=4, lr=0.05, warmup=1, ckpt_every=2)
+    train_loop(_linear(), batches, cfg, tmp_path, progress=False, fingerprint="a", loss_fn=_mse)
+
+    class Wider(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = torch.nn.Parameter(torch.zeros(2, 4)), torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return (x @ self.weight.T + self.bias)[:, :1]
+
+    longer = LoopConfig(steps=6, lr=0.05, warmup=1, ckpt_every=2)
+    with pytest.raises(CheckpointError, match=f"cannot resume from {tmp_path}/train_state: .*different model "
+                       r"\(tensor bias is \[1\] in the checkpoint but \[2\] in the model\)"):
+        train_loop(Wider(), batches, cfg, tmp_path, progress=False, fingerprint="a", loss_fn=_mse)
+    rows = train_loop(Wider(), batches, longer, tmp_path, progress=False, fingerprint="b", loss_fn=_mse)
+    assert [r["step"] for r in rows] == list(range(6))
+
+
+def test_log_written_before_the_rollbacks_column_still_resumes(tmp_path):
+    x, y = _linear_data()
+    batches = lambda s: {"x": x[s], "y": y[s], "n_tokens": 8}  # noqa: E731
+    cfg = LoopConfig(steps=6, lr=0.05, warmup=1, ckpt_every=3)
+    train_loop(_linear(), batches, cfg, tmp_path, progress=False, loss_fn=_mse)
+    log = tmp_path / "train_log.csv"
+    old = [",".join(line.split(",")[:6]) for line in log.read_text().splitlines()]  # drop the new column
+    log.write_text("\n".join(old[:4]) + "\n")
+    state = torch.load(tmp_path / "train_state" / "state.pt", weights_only=True)
+    assert state["step"] == 6
+    import lnkit.train.loop as loop
+
+    rows = loop._read_log(tmp_path, 6)
+    assert [r["step"] for r in rows] == [0, 1, 2] and "rollbacks" not in rows[0]

@@ -1,9 +1,24 @@
-"""The one training loop every stage shares: AdamW, warmup then cosine decay, gradient clipping,
-atomic checkpoints and resume, a per-step CSV log and a progress bar.
+"""The one training loop every stage shares: AdamW, warmup then cosine decay, gradient clipping and
+accumulation, a guard against loss spikes, atomic checkpoints and resume, a per-step CSV log and a
+progress bar.
 
-Resume is exact: the loop state (weights, optimizer moments, step) is checkpointed atomically every
-``ckpt_every`` steps and batches are a pure function of the step, so a run killed at any point and
-started again continues from its last checkpoint and sees the same data it would have seen.
+Resume is exact: the loop state (weights, optimizer moments, step, torch's random state, the guard's
+history) is checkpointed atomically every ``ckpt_every`` steps and batches are a pure function of their
+index (micro-batch ``k`` of step ``s`` is ``next_batch(s * accum + k)``), so a run killed at any point and
+started again continues from its last checkpoint and ends with the same weights as an unbroken run.
+
+The guard (``spike_factor > 0``) reproduces what the paper did by hand when LN-Ultra's training blew up
+(Section 4.2: restarts after gradient explosions): a step whose loss or gradient norm is not finite, or
+whose gradient norm exceeds ``spike_factor`` times the median of the last ``spike_window`` good steps, is
+not applied. The loop reloads the last checkpoint (weights, optimizer, random state), multiplies the
+learning rate by ``lr_backoff`` for the rest of the run and continues from the checkpoint's step; after
+``max_rollbacks`` rollbacks the next bad step raises :class:`TrainingDiverged`. The log's ``rollbacks``
+column counts the rollbacks taken before each row's step.
+
+A checkpoint of other parameters (another ``fingerprint`` or loop settings) is discarded and training
+starts over; a checkpoint of the same parameters whose tensors do not fit the model (a different
+architecture under the same settings, e.g. an upstream stage rerun) is refused with a
+:class:`~lnkit.io.CheckpointError` naming its folder, never silently restarted.
 """
 
 from __future__ import annotations
@@ -11,9 +26,10 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -23,7 +39,16 @@ from lnkit.io import CheckpointError, atomic_dir, atomic_path, verify_checkpoint
 
 STATE_DIR = "train_state"
 LOG_FILE = "train_log.csv"
-LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens", "elapsed_s"]
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens", "elapsed_s", "rollbacks"]
+_INT_FIELDS = {"step": int, "tokens": int, "rollbacks": int}
+# The fields of the original LoopConfig: always part of the run's fingerprint. Fields added later join it
+# only when set away from their default, so checkpoints written before they existed still resume.
+_BASE_FIELDS = ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "ckpt_every", "betas")
+_MIN_HISTORY = 5  # good steps needed before the spike test applies (early gradient norms swing widely)
+
+
+class TrainingDiverged(RuntimeError):
+    """The guard met a bad step after ``max_rollbacks`` rollbacks."""
 
 
 @dataclass
@@ -36,6 +61,19 @@ class LoopConfig:
     grad_clip: float = 1.0
     ckpt_every: int = 100
     betas: tuple[float, float] = (0.9, 0.95)
+    accum: int = 1  # micro-batches per optimizer step, each weighing 1/accum of the step's loss
+    spike_factor: float = 0.0  # 0: guard off; else roll back when grad norm > factor x median of the window
+    spike_window: int = 20  # good steps in the median
+    lr_backoff: float = 0.5  # learning-rate multiplier after each rollback (for the rest of the run)
+    max_rollbacks: int = 3  # then the next bad step raises TrainingDiverged
+
+    def __post_init__(self):
+        for name, ok in (("steps", self.steps >= 1), ("accum", self.accum >= 1), ("ckpt_every", self.ckpt_every >= 1),
+                         ("spike_factor", self.spike_factor == 0 or self.spike_factor > 1),
+                         ("spike_window", self.spike_window >= 1), ("lr_backoff", 0 < self.lr_backoff <= 1),
+                         ("max_rollbacks", self.max_rollbacks >= 0)):
+            if not ok:
+                raise ValueError(f"LoopConfig.{name}={getattr(self, name)!r} is out of range")
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -51,13 +89,81 @@ def lr_at(step: int, cfg: LoopConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _save_state(out_dir: Path, model, opt, step: int, fingerprint: str) -> None:
+def config_key(cfg: LoopConfig) -> str:
+    """The loop settings as they enter a run's fingerprint (new fields only when not at their default).
+
+    >>> config_key(LoopConfig(steps=5, lr=0.1)) == repr(LoopConfig(steps=5, lr=0.1)).split(", accum")[0] + ")"
+    True
+    >>> "accum=2" in config_key(LoopConfig(steps=5, lr=0.1, accum=2))
+    True
+    """
+    parts = [f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg)
+             if f.name in _BASE_FIELDS or getattr(cfg, f.name) != f.default]
+    return f"LoopConfig({', '.join(parts)})"
+
+
+def spike_reason(loss: float, grad_norm: float, history: list[float], factor: float,
+                 min_history: int = _MIN_HISTORY) -> str:
+    """Why a step is bad ('' if it is good): a non-finite loss or grad norm, or a grad norm above
+    ``factor`` x the median of ``history`` (the last good steps; needs ``min_history`` of them).
+
+    >>> spike_reason(1.0, 0.5, [0.4] * 10, 4.0), spike_reason(float("nan"), 0.5, [], 4.0)
+    ('', 'loss is nan')
+    >>> spike_reason(1.0, 3.0, [0.4, 0.5, 0.6, 0.5, 0.5], 4.0)
+    'grad norm 3 > 4 x median 0.5 of the last 5 good steps'
+    """
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"grad norm is {grad_norm}"
+    if factor > 0 and history and len(history) >= min_history:
+        med = statistics.median(history)
+        if grad_norm > factor * med:
+            return f"grad norm {grad_norm:.4g} > {factor:g} x median {med:.4g} of the last {len(history)} good steps"
+    return ""
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _shapes(state_dict: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def _architecture_mismatch(saved: dict, model) -> str:
+    """'' if the saved tensors fit ``model``, else the first difference in words."""
+    have, want = _shapes(saved), _shapes(model.state_dict())
+    for k in sorted(set(have) | set(want)):
+        if k not in want:
+            return f"the checkpoint has tensor {k}, which the model lacks"
+        if k not in have:
+            return f"the model has tensor {k}, which the checkpoint lacks"
+        if have[k] != want[k]:
+            return f"tensor {k} is {list(have[k])} in the checkpoint but {list(want[k])} in the model"
+    return ""
+
+
+def _save_state(out_dir: Path, model, opt, step: int, fingerprint: str, guard: dict | None = None) -> None:
     with atomic_dir(out_dir / STATE_DIR) as tmp:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "fingerprint": fingerprint}, tmp / "state.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
+                    "rng": _rng_state(), "guard": guard or {}}, tmp / "state.pt")
 
 
-def _load_state(out_dir: Path, model, opt, fingerprint: str) -> int:
+def _load_state(out_dir: Path, model, opt, fingerprint: str, guard: dict | None = None) -> int:
+    """Restore the checkpoint in ``out_dir`` (weights, optimizer, random state and, into ``guard``, the
+    guard's state); return its step, or 0 when there is none or it belongs to other parameters."""
     path = out_dir / STATE_DIR
     if not path.exists():
         return 0
@@ -72,8 +178,15 @@ def _load_state(out_dir: Path, model, opt, fingerprint: str) -> int:
         shutil.rmtree(path)
         (out_dir / LOG_FILE).unlink(missing_ok=True)
         return 0
+    if problem := _architecture_mismatch(state["model"], model):
+        # Same parameters, other model: an input changed under the run. Restarting would hide that.
+        raise CheckpointError(f"cannot resume from {path}: it holds the weights of a different model ({problem}). "
+                              f"Delete {path} to train this model from scratch.")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
+    _set_rng_state(state.get("rng"))
+    if guard is not None:
+        guard.update(state.get("guard") or {})
     return int(state["step"])
 
 
@@ -81,25 +194,43 @@ def _read_log(out_dir: Path, upto: int) -> list[dict]:
     p = out_dir / LOG_FILE
     if not p.exists():
         return []
-    types = {"step": int, "tokens": int}
-    with open(p) as f:
-        rows = [{k: types.get(k, float)(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    with open(p) as f:  # empty cells (a column added after the row was written) are left out
+        rows = [{k: _INT_FIELDS.get(k, float)(v) for k, v in r.items() if v not in ("", None)}
+                for r in csv.DictReader(f)]
     return [r for r in rows if r["step"] < upto]
 
 
 def _write_log(out_dir: Path, rows: list[dict]) -> None:
+    extra = [k for r in rows for k in r if k not in LOG_FIELDS]
     with atomic_path(out_dir / LOG_FILE) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS + list(dict.fromkeys(extra)))
         w.writeheader()
         w.writerows(rows)
 
 
+def _forward(model, batch: dict, loss_fn) -> tuple[torch.Tensor, dict[str, float]]:
+    out = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise ValueError(f"loss_fn returned a dict without a 'loss' entry (keys: {sorted(out)})")
+        extras = {k: float(v) for k, v in out.items() if k != "loss"}
+        return out["loss"], extras
+    return out, {}
+
+
 def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_dir: str | Path,
-               desc: str = "train", progress: bool = True, fingerprint: str = "") -> list[dict]:
-    """Train ``model`` for ``cfg.steps`` steps on ``next_batch(step)``; resume from ``out_dir`` if a
-    checkpoint of the same run is there (same ``fingerprint``, e.g. the stage parameters' digest, and
-    the same loop settings). Returns the per-step log (also written to ``out_dir/train_log.csv``)."""
-    fingerprint = f"{fingerprint}|{cfg}"
+               desc: str = "train", progress: bool = True, fingerprint: str = "",
+               loss_fn: Callable | None = None) -> list[dict]:
+    """Train ``model`` for ``cfg.steps`` optimizer steps; resume from ``out_dir`` if a checkpoint of the
+    same run is there (same ``fingerprint``, e.g. the stage parameters' digest, and the same loop settings).
+
+    Step ``s`` accumulates gradients over ``next_batch(s * cfg.accum + k)`` for ``k < cfg.accum``. A batch
+    is a dict of model inputs, optionally with ``n_tokens`` (else the attention mask's sum is logged).
+    ``loss_fn(model, batch)`` replaces ``model(**batch).loss``; it may return a scalar tensor or a dict
+    ``{"loss": tensor, **floats}`` whose other entries are logged as extra columns (mean over micro-batches).
+    Returns the per-step log (also written to ``out_dir/train_log.csv``).
+    """
+    fingerprint = f"{fingerprint}|{config_key(cfg)}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
@@ -108,30 +239,72 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas,
     )
-    start = _load_state(out_dir, model, opt, fingerprint)
+    guarded = cfg.spike_factor > 0
+    # The guard's state travels with the checkpoint: lr scale, rollbacks so far, recent good grad norms.
+    guard = {"lr_scale": 1.0, "rollbacks": 0, "history": []}
+    start = _load_state(out_dir, model, opt, fingerprint, guard)
     if start:
         print(f"{desc}: resuming from the checkpoint at step {start} of {cfg.steps}")
+    elif guarded:  # a rollback needs a checkpoint to go back to, even before the first save
+        _save_state(out_dir, model, opt, 0, fingerprint, guard)
     rows = _read_log(out_dir, start)
     model.train()
     t0 = time.perf_counter() - (float(rows[-1]["elapsed_s"]) if rows else 0.0)
-    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, initial=start, total=cfg.steps)
-    for step in bar:
+    bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, initial=start)
+    step = start
+    while step < cfg.steps:
+        lr = lr_at(step, cfg) * guard["lr_scale"]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        batch = dict(next_batch(step))
-        n_tokens = int(batch.pop("n_tokens")) if "n_tokens" in batch else int(batch["attention_mask"].sum())
-        loss = model(**batch).loss
+            g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        rows.append({
-            "step": step, "loss": round(loss.item(), 5), "lr": lr_at(step, cfg), "grad_norm": round(gn.item(), 4),
-            "tokens": n_tokens, "elapsed_s": round(time.perf_counter() - t0, 3),
-        })
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            _save_state(out_dir, model, opt, step + 1, fingerprint)
+        loss_sum, n_tokens, extras = 0.0, 0, {}
+        for k in range(cfg.accum):
+            batch = dict(next_batch(step * cfg.accum + k))
+            n_tokens += int(batch.pop("n_tokens")) if "n_tokens" in batch else int(batch["attention_mask"].sum())
+            loss, ex = _forward(model, batch, loss_fn)
+            (loss / cfg.accum).backward()
+            loss_sum += loss.item()
+            for key, v in ex.items():
+                extras[key] = extras.get(key, 0.0) + v / cfg.accum
+        loss_val = loss_sum / cfg.accum
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        if guarded and (why := spike_reason(loss_val, gn, guard["history"], cfg.spike_factor,
+                                                 min(_MIN_HISTORY, cfg.spike_window))):
+            if guard["rollbacks"] >= cfg.max_rollbacks:
+                bar.close()
+                raise TrainingDiverged(
+                    f"{desc}: step {step} is bad ({why}) after {guard['rollbacks']} rollbacks "
+                    f"(max_rollbacks={cfg.max_rollbacks}, learning rate already x{guard['lr_scale']:g}); "
+                    f"the last good checkpoint is in {out_dir / STATE_DIR}. Lower lr or raise spike_factor.")
+            scale, n = guard["lr_scale"] * cfg.lr_backoff, guard["rollbacks"] + 1
+            opt.zero_grad(set_to_none=True)
+            back = _load_state(out_dir, model, opt, fingerprint, guard)
+            guard.update(lr_scale=scale, rollbacks=n)
+            # Record the new lr scale on disk at once: a crash before the next save must not undo it.
+            _save_state(out_dir, model, opt, back, fingerprint, guard)
+            rows = [r for r in rows if r["step"] < back]
             _write_log(out_dir, rows)
+            msg = (f"{desc}: rollback {n}/{cfg.max_rollbacks} at step {step}: {why}; back to the checkpoint "
+                   f"at step {back}, learning rate x{scale:g} from now on")
+            (bar.write if progress else print)(msg)
+            step = back
+            bar.n = step
+            bar.refresh()
+            continue
+        opt.step()
+        if guarded:
+            guard["history"] = (guard["history"] + [gn])[-cfg.spike_window:]
+        rows.append({
+            "step": step, "loss": round(loss_val, 5), "lr": lr, "grad_norm": round(gn, 4), "tokens": n_tokens,
+            "elapsed_s": round(time.perf_counter() - t0, 3), "rollbacks": guard["rollbacks"],
+            **{key: round(v, 5) for key, v in extras.items()},
+        })
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_val:.3f}")
+        step += 1
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            _save_state(out_dir, model, opt, step, fingerprint, guard)
+            _write_log(out_dir, rows)
+    bar.close()
     model.eval()
     return rows
