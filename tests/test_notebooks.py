@@ -54,6 +54,153 @@ def test_every_stage_notebook_runs_and_writes_its_artifacts(smoke):
     assert child.config.model_type == "nemotron-nas"
 
 
+# The per-stage checks run before the tests below, which rerun, corrupt or fail stages of the smoke run.
+
+
+def test_ffn_fusion_stage_fuses_the_child_exactly_in_the_released_format(smoke, tmp_path):
+    """Stage 03: the smoke notebook's artifacts, then the stage on the smoke parent with layer 1's attention
+    removed (the 2-layer smoke child may have no attention-free run), fused whole (threshold 1.0)."""
+    import csv
+
+    import torch
+
+    import lnkit.model  # noqa: F401  (children are nemotron-nas checkpoints)
+    from lnkit import stage
+    from lnkit.fusion import attention_free_runs, parallel
+    from lnkit.fusion_stage import FusionParams, run_fusion
+    from lnkit.model import NemotronNasConfig, NemotronNasForCausalLM, from_llama
+    from lnkit.parent import save_model
+
+    d = smoke["run_dir"] / "03_ffn_fusion"
+    metrics = json.loads((d / "metrics.json").read_text())
+    src = json.loads((d / "source.json").read_text())
+    child, _ = load_model(smoke["run_dir"] / src["child_dir"])
+    runs_ = attention_free_runs(child.config)
+    assert json.loads((d / "groups.json").read_text())["fused"] == runs_ == metrics["runs"]
+    dep = list(csv.DictReader(open(d / "dependency.csv")))
+    assert len(dep) == sum(len(r) * (len(r) + 1) // 2 for r in runs_) and (d / "dependency.png").exists()
+    assert metrics["depth_after"] == metrics["depth_before"] - sum(len(g) - 1 for g in runs_)
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke["run_dir"] / "00_parent", run / "00_parent")
+    search = run / "02_architecture_search"
+    (search / "children").mkdir(parents=True)
+    (search / "_COMPLETE.json").write_text("{}")
+    (search / "metrics.json").write_text(json.dumps({"best_2x": {"label": "no attention 1"}}))
+    parent, tok = load_model(run / "00_parent" / "model")
+    nas = from_llama(parent)
+    raw = nas.config.to_dict()
+    raw["block_configs"][1]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
+    child = NemotronNasForCausalLM(NemotronNasConfig.from_dict(raw)).eval()
+    child.load_state_dict({k: v for k, v in nas.state_dict().items()
+                           if not k.startswith(("model.layers.1.input_layernorm", "model.layers.1.self_attn"))})
+    child.generation_config = parent.generation_config
+    save_model(child, tok, search / "children" / "no_attention_1")
+    p = FusionParams(run_dir=str(run), figures_dir="", progress=False, threshold=1.0, calib_rows=4, calib_len=32,
+                     eval_n=2, eval_max_new_tokens=8, batch_size=2, prompt_len=8, decode_len=4, timing_repeats=1,
+                     reference="")
+    stage.start(p)
+    r = run_fusion(p)
+    assert r["child"] == "no attention 1" and r["runs"] == r["fused_groups"] == [[0, 1]]
+    assert r["depth_before"] == 3 and r["depth_after"] == 2 and r["max_logit_err_vs_parallel"] < 1e-4
+    assert r["kl_child_to_fused"] > 0  # an approximation of the sequential child, not the same model
+    fused, _ = load_model(run / "03_ffn_fusion" / "model")
+    bc = fused.config.block_configs
+    assert bc[0].ffn.width(32) == 2 * 64 and bc[1].attention.kind == bc[1].ffn.kind == "no_op"
+    ids = torch.randint(3, child.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), parallel(child, [[0, 1]]):
+        want = child(input_ids=ids).logits
+    torch.testing.assert_close(fused(input_ids=ids).logits, want, atol=1e-4, rtol=1e-5)
+    tiny = next(x for x in r["deploy"] if x["setting"] == "tiny child")
+    assert tiny["fused_allreduces"] == tiny["unfused_allreduces"] - 1 and tiny["latency_ratio"] < 1
+    assert json.loads((run / "03_ffn_fusion" / "source.json").read_text()) == {
+        "child": "no attention 1", "child_dir": "02_architecture_search/children/no_attention_1"}
+
+
+def test_reasoning_data_and_sft_stages_write_their_artifacts(smoke):
+    """Stages 05 and 06 in the smoke run: the blend loads in the released schema, the report and figures
+    are there, SFT trained every step and evaluated both modes."""
+    from lnkit.data.released import load_rows
+
+    d5 = smoke["run_dir"] / "05_reasoning_data"
+    rows, skipped = load_rows(d5 / "sft.jsonl")
+    assert rows and not skipped and {r["reasoning"] for r in rows} <= {"on", "off"}
+    report = json.loads((d5 / "report.json").read_text())
+    assert report["funnel"][0]["filter"] == "generated" and report["audit"]["leaked_prompts_kept"] == 0
+    assert (d5 / "report.csv").exists() and (d5 / "curation_funnel.png").exists()
+    d6 = smoke["run_dir"] / "06_reasoning_sft"
+    metrics = json.loads((d6 / "metrics.json").read_text())
+    assert set(metrics["compliance"]) == {"off", "on"} and "leakage_off" in metrics
+    steps = smoke["spec"]["stages"]["06_reasoning_sft"]["steps"]
+    assert (d6 / "train_log.csv").read_text().count("\n") == 1 + steps
+    assert (d6 / "on_vs_off.png").exists() and (d6 / "eval_summary.json").exists()
+    model, tok = load_model(d6 / "model")
+    assert tok.chat_template
+
+
+def test_distillation_stage_writes_each_student_and_recovers_a_damaged_child(smoke, tmp_path):
+    """Stage 04 in the smoke run: the fused child distilled into model/, the child before fusion into
+    students/unfused/model, per-student logs and the Table 1 analog. The smoke children are nearly the
+    parent already, so the real outcome is checked on a child of the smoke parent with layer 1's attention
+    removed: the stage's own distill_student brings it closer to the parent on freshly packed rows."""
+    import csv
+
+    import torch
+
+    from lnkit.distill_stage import DistillParams, distill_student, parent_params
+    from lnkit.model import NemotronNasConfig, NemotronNasForCausalLM, from_llama
+    from lnkit.parent import save_model, training_examples
+    from lnkit.train.batches import PackedBatcher
+    from lnkit.train.distill import make_loss_fn
+
+    run = smoke["run_dir"]
+    d, spec = run / "04_distillation", smoke["spec"]["stages"]["04_distillation"]
+    metrics = json.loads((d / "metrics.json").read_text())
+    assert metrics["model"] == "03_ffn_fusion" and list(metrics["students"]) == ["03_ffn_fusion", "unfused"]
+    src = json.loads((run / "03_ffn_fusion" / "source.json").read_text())
+    assert metrics["students"]["unfused"]["source"] == src["child_dir"]
+    for name, s in metrics["students"].items():
+        log = list(csv.DictReader(open(d / "students" / name / "train_log.csv")))
+        assert [int(r["step"]) for r in log] == list(range(spec["steps"])) and s["steps"] == spec["steps"]
+        assert {"kl", "cosine", "lm", "rollbacks"} <= set(log[0]) and s["rollbacks"] == 0
+        assert set(s["accuracy_before"]) == set(s["accuracy_after"]) == {"all", "math", "science", "code",
+                                                                          "instruct", "chat"}
+        assert s["speedup"] > 0 and "accuracy_kept" in s
+    table = list(csv.DictReader(open(d / "table.csv")))
+    assert [r["phase"] for r in table] == ["parent"] + ["before", "after"] * 2
+    assert (d / "loss.png").exists() and (d / "table.png").exists()
+    fused, _ = load_model(run / "03_ffn_fusion" / "model")
+    distilled, _ = load_model(d / "model")
+    assert distilled.config.block_configs == fused.config.block_configs
+    assert any(not torch.equal(a, b) for a, b in zip(distilled.state_dict().values(), fused.state_dict().values()))
+    unfused, _ = load_model(d / "students" / "unfused" / "model")
+    assert unfused.config.block_configs == load_model(run / src["child_dir"])[0].config.block_configs
+
+    parent, tok = load_model(run / "00_parent" / "model")
+    nas = from_llama(parent)
+    raw = nas.config.to_dict()
+    raw["block_configs"][1]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
+    child = NemotronNasForCausalLM(NemotronNasConfig.from_dict(raw)).eval()
+    child.load_state_dict({k: v for k, v in nas.state_dict().items()
+                           if not k.startswith(("model.layers.1.input_layernorm", "model.layers.1.self_attn"))})
+    kid_run = tmp_path / "run"
+    shutil.copytree(run / "00_parent", kid_run / "00_parent")
+    save_model(child, tok, kid_run / "kids" / "no_attention_1")
+    p = DistillParams(run_dir=str(kid_run), students=["kids/no_attention_1"], steps=20, rows=2, row_len=128,
+                      warmup=2, progress=False)
+    examples = training_examples(parent_params(kid_run), tok)
+    fresh = PackedBatcher(examples, 4, 128, tok.pad_token_id, seed=99)(10**6)
+    fresh.pop("n_tokens")
+    kl = make_loss_fn(parent, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        before = kl(child, fresh)["kl"]
+    batches = PackedBatcher(examples, p.rows, p.row_len, tok.pad_token_id, seed=p.seed + 4)
+    student, rows = distill_student(p, p.students[0], parent, tok, batches, tmp_path / "out")
+    with torch.no_grad():
+        after = kl(student, fresh)["kl"]
+    assert len(rows) == 20 and after < 0.5 * before, (before, after)
+
+
 def test_completed_stage_is_skipped_and_force_reruns(smoke, capsys):
     marker = smoke["run_dir"] / "00_parent" / "_COMPLETE.json"
     before = marker.read_text()

@@ -38,6 +38,10 @@ STAGES = {
     "00_parent": "lnkit.parent:ParentParams",
     "01_block_library": "lnkit.puzzle.library_stage:LibraryParams",
     "02_architecture_search": "lnkit.puzzle.search_stage:SearchParams",
+    "03_ffn_fusion": "lnkit.fusion_stage:FusionParams",
+    "04_distillation": "lnkit.distill_stage:DistillParams",
+    "05_reasoning_data": "lnkit.curation_stage:CurationParams",
+    "06_reasoning_sft": "lnkit.train.sft:SFTParams",
 }
 RUN_KEYS = {"run", "run_dir", "shared", "stages"}
 
