@@ -12,7 +12,8 @@ stage::
       00_parent: {steps: 1500}
 
 All stages' parameters are validated before anything runs. A stage whose completion marker matches its
-parameters is skipped (``--force`` reruns it). A failing stage stops the run with exit code 1 and names
+parameters is skipped (``--force`` reruns it), unless an earlier stage of the run completed after it did:
+then its inputs changed and it reruns. A failing stage stops the run with exit code 1 and names
 the notebook, the cell and the error; earlier stages' artifacts are left as they are.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from lnkit.params import ParamError, StageParams
-from lnkit.stage import is_complete
+from lnkit.stage import MARKER, is_complete
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
@@ -147,15 +148,42 @@ def main(argv: list[str] | None = None) -> int:
         elif a.start:
             names = names[names.index(a.start):]
         print(f"run {head['run']}: artifacts in {head['run_dir']}, stages {', '.join(names)}")
+        order = list(params)
         for name in names:
             if is_complete(params[name]) and not a.force:
-                print(f"[{name}] complete with these parameters; skipped (--force reruns it)")
-                continue
+                newer = stale_because(head["run_dir"], order[: order.index(name)], name)
+                if newer is None:
+                    print(f"[{name}] complete with these parameters; skipped (--force reruns it)")
+                    continue
+                print(f"[{name}] complete, but {newer} finished after it: rerunning")
             run_stage(name, params[name], head["run"])
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def stale_because(run_dir, earlier: list[str], name: str) -> str | None:
+    """The first of the ``earlier`` stages that completed after stage ``name`` did (its inputs changed
+    since), or None. Compares the completion markers' times.
+
+    >>> import tempfile, pathlib, os
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for i, s in enumerate(["a", "b"]):
+    ...     (d / s).mkdir(); _ = (d / s / MARKER).write_text("{}"); os.utime(d / s / MARKER, (i, i))
+    >>> stale_because(d, ["a"], "b") is None
+    True
+    >>> os.utime(d / "a" / MARKER, (5, 5)); stale_because(d, ["a"], "b")
+    'a'
+    """
+    mine = Path(run_dir) / name / MARKER
+    if not mine.exists():
+        return None
+    for stage in earlier:
+        marker = Path(run_dir) / stage / MARKER
+        if marker.exists() and marker.stat().st_mtime > mine.stat().st_mtime:
+            return stage
+    return None
 
 
 if __name__ == "__main__":
