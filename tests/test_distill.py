@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import puzzle_helpers as helpers
 from lnkit.distill_stage import DistillParams, distill_student, resolve_student, student_name
 from lnkit.io import CheckpointError, atomic_write_json
 from lnkit.params import ParamError
@@ -16,14 +17,7 @@ from lnkit.parent import save_model
 from lnkit.train.batches import PackedBatcher, encode_chat, encode_doc
 from lnkit.train.distill import check_pair, cosine_distance, forward_kl, make_loss_fn, position_mask
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: a second thread only adds contention on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True)(helpers.one_thread)  # tiny matrices: one thread is fastest
 
 
 def _examples(tok):

@@ -12,18 +12,12 @@ import time
 import pytest
 import torch
 
+import puzzle_helpers as helpers
 from lnkit.io import CheckpointError, atomic_dir, atomic_write_json, clean_partial, verify_checkpoint
 from lnkit.train.batches import Batcher, collate, encode_chat
 from lnkit.train.loop import LoopConfig, train_loop
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: a second thread only adds contention on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(autouse=True)(helpers.one_thread)  # tiny matrices: one thread is fastest
 
 
 def test_atomic_write_leaves_old_file_on_error(tmp_path):

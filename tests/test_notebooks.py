@@ -54,6 +54,19 @@ def test_every_stage_notebook_runs_and_writes_its_artifacts(smoke):
     assert child.config.model_type == "nemotron-nas"
 
 
+def _without_attention(parent, layer: int):
+    """The parent as a nemotron-nas child with one layer's attention removed (a damaged child)."""
+    from lnkit.model import NemotronNasConfig, NemotronNasForCausalLM, from_llama
+
+    nas = from_llama(parent)
+    raw = nas.config.to_dict()
+    raw["block_configs"][layer]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
+    child = NemotronNasForCausalLM(NemotronNasConfig.from_dict(raw)).eval()
+    drop = (f"model.layers.{layer}.input_layernorm", f"model.layers.{layer}.self_attn")
+    child.load_state_dict({k: v for k, v in nas.state_dict().items() if not k.startswith(drop)})
+    return child
+
+
 # The per-stage checks run before the tests below, which rerun, corrupt or fail stages of the smoke run.
 
 
@@ -68,7 +81,6 @@ def test_ffn_fusion_stage_fuses_the_child_exactly_in_the_released_format(smoke, 
     from lnkit import stage
     from lnkit.fusion import attention_free_runs, parallel
     from lnkit.fusion_stage import FusionParams, run_fusion
-    from lnkit.model import NemotronNasConfig, NemotronNasForCausalLM, from_llama
     from lnkit.parent import save_model
 
     d = smoke["run_dir"] / "03_ffn_fusion"
@@ -88,12 +100,7 @@ def test_ffn_fusion_stage_fuses_the_child_exactly_in_the_released_format(smoke, 
     (search / "_COMPLETE.json").write_text("{}")
     (search / "metrics.json").write_text(json.dumps({"best_2x": {"label": "no attention 1"}}))
     parent, tok = load_model(run / "00_parent" / "model")
-    nas = from_llama(parent)
-    raw = nas.config.to_dict()
-    raw["block_configs"][1]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
-    child = NemotronNasForCausalLM(NemotronNasConfig.from_dict(raw)).eval()
-    child.load_state_dict({k: v for k, v in nas.state_dict().items()
-                           if not k.startswith(("model.layers.1.input_layernorm", "model.layers.1.self_attn"))})
+    child = _without_attention(parent, 1)
     child.generation_config = parent.generation_config
     save_model(child, tok, search / "children" / "no_attention_1")
     p = FusionParams(run_dir=str(run), figures_dir="", progress=False, threshold=1.0, calib_rows=4, calib_len=32,
@@ -148,7 +155,6 @@ def test_distillation_stage_writes_each_student_and_recovers_a_damaged_child(smo
     import torch
 
     from lnkit.distill_stage import DistillParams, distill_student, parent_params
-    from lnkit.model import NemotronNasConfig, NemotronNasForCausalLM, from_llama
     from lnkit.parent import save_model, training_examples
     from lnkit.train.batches import PackedBatcher
     from lnkit.train.distill import make_loss_fn
@@ -177,12 +183,7 @@ def test_distillation_stage_writes_each_student_and_recovers_a_damaged_child(smo
     assert unfused.config.block_configs == load_model(run / src["child_dir"])[0].config.block_configs
 
     parent, tok = load_model(run / "00_parent" / "model")
-    nas = from_llama(parent)
-    raw = nas.config.to_dict()
-    raw["block_configs"][1]["attention"] = {"no_op": True, "replace_with_linear": False, "n_heads_in_group": None}
-    child = NemotronNasForCausalLM(NemotronNasConfig.from_dict(raw)).eval()
-    child.load_state_dict({k: v for k, v in nas.state_dict().items()
-                           if not k.startswith(("model.layers.1.input_layernorm", "model.layers.1.self_attn"))})
+    child = _without_attention(parent, 1)
     kid_run = tmp_path / "run"
     shutil.copytree(run / "00_parent", kid_run / "00_parent")
     save_model(child, tok, kid_run / "kids" / "no_attention_1")
