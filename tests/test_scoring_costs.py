@@ -123,17 +123,18 @@ def test_scores_on_chosen_positions_match_a_direct_computation(parent, library, 
         score_candidates(parent, small, held_out, positions=[torch.zeros_like(m) for m in positions], progress=False)
 
 
-def test_assistant_positions_mark_the_tokens_before_each_answer_token(tok, small_splits):
-    from lnkit.puzzle.calibration import assistant_positions, token_batches
+def test_token_batches_mark_the_positions_before_each_answer_token(tok, small_splits):
+    from lnkit.puzzle.calibration import token_batches
     from lnkit.train.batches import encode_chat
 
     items = small_splits["test"][:20]
     kw = dict(rows=4, row_len=64, batch_size=2, seed=3)
-    batches, masks = token_batches(tok, items, **kw), assistant_positions(tok, items, **kw)
+    batches, masks = token_batches(tok, items, **kw, positions=True)
+    assert [b.tolist() for b in batches] == [b.tolist() for b in token_batches(tok, items, **kw)]
     assert [b.shape for b in batches] == [m.shape for m in masks] and all(m.dtype == torch.bool for m in masks)
     assert not any(m[:, -1].any() for m in masks)
     # one item: each row starts with a whole encoding of it, in one of the three system-prompt modes
-    one = assistant_positions(tok, items[:1], rows=1, row_len=200, batch_size=1, seed=3)[0][0].tolist()
+    one = token_batches(tok, items[:1], rows=1, row_len=200, batch_size=1, seed=3, positions=True)[1][0][0].tolist()
     row = token_batches(tok, items[:1], rows=1, row_len=200, batch_size=1, seed=3)[0][0].tolist()
     ids, labels = next(e for e in (encode_chat(tok, items[0].prompt, items[0].direct, m) for m in (None, "on", "off"))
                        if row[: len(e[0])] == e[0])

@@ -6,7 +6,7 @@ under the same random system prompts the parent saw, concatenated and cut into f
 padding (what :func:`lnkit.puzzle.library.calibrate` expects). Examples may share a row: attention across
 an example boundary is ordinary pretraining-style context and the same for parent and candidate.
 
-:func:`assistant_positions` marks, per row, the positions whose next token is an assistant token (the part
+``token_batches(..., positions=True)`` also marks, per row, the positions whose next token is an assistant token (the part
 of the text the parent was trained to predict), so scores can ignore prompts the parent never learned.
 """
 
@@ -39,17 +39,16 @@ def _streams(tok, items, rows: int, row_len: int, seed: int) -> tuple[torch.Tens
             torch.tensor(labels[:n], dtype=torch.long).view(rows, row_len))
 
 
-def token_batches(tok, items, *, rows: int, row_len: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    """``rows`` rows of ``row_len`` tokens in batches of ``batch_size`` (LongTensors ``[B, row_len]``)."""
-    t, _ = _streams(tok, items, rows, row_len, seed)
-    return [t[i : i + batch_size] for i in range(0, rows, batch_size)]
+def token_batches(tok, items, *, rows: int, row_len: int, batch_size: int, seed: int = 0, positions: bool = False):
+    """``rows`` rows of ``row_len`` tokens in batches of ``batch_size`` (LongTensors ``[B, row_len]``).
 
-
-def assistant_positions(tok, items, *, rows: int, row_len: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    """For the same rows as :func:`token_batches` (same arguments), bool ``[B, row_len]``: True where the
-    *next* token is an assistant token, i.e. where the parent's prediction was trained. The last position
-    of a row has no next token in the row and is False."""
-    _, labels = _streams(tok, items, rows, row_len, seed)
+    With ``positions=True`` returns ``(batches, masks)``: per batch a bool ``[B, row_len]``, True where the
+    *next* token is an assistant token, i.e. where the parent's prediction was trained (a row's last
+    position has no next token in the row and is False)."""
+    t, labels = _streams(tok, items, rows, row_len, seed)
+    batches = [t[i : i + batch_size] for i in range(0, rows, batch_size)]
+    if not positions:
+        return batches
     pos = torch.zeros_like(labels, dtype=torch.bool)
     pos[:, :-1] = labels[:, 1:] != IGNORE
-    return [pos[i : i + batch_size] for i in range(0, rows, batch_size)]
+    return batches, [pos[i : i + batch_size] for i in range(0, rows, batch_size)]

@@ -223,7 +223,7 @@ def score_candidates(parent, library: Library, batches, metrics=METRICS, progres
 
     Returns one row per candidate, in library order: ``{layer, slot, name}`` plus the chosen metrics
     (``lm_loss`` brings ``lm_loss_delta``). Parent variants score ~0 (rounding only). ``positions``: one bool
-    mask per batch (e.g. :func:`lnkit.puzzle.calibration.assistant_positions`) restricting every metric to
+    mask per batch (e.g. :func:`lnkit.puzzle.calibration.token_batches` with ``positions=True``) restricting every metric to
     those positions; ``None`` scores every position.
     """
     metrics = _check_metrics(metrics)

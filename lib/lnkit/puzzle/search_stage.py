@@ -132,7 +132,7 @@ def run_search(p: SearchParams) -> dict:
 
     from lnkit.eval import evaluate, summarize
     from lnkit.parent import load_data, load_model, save_model
-    from lnkit.puzzle.calibration import assistant_positions, token_batches
+    from lnkit.puzzle.calibration import token_batches
     from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
     from lnkit.puzzle.library import assemble, load_library
     from lnkit.puzzle.mip import InfeasibleBudget, solve_diverse
@@ -147,8 +147,8 @@ def run_search(p: SearchParams) -> dict:
     library = load_library(lib_dir / "library")
     held_out = dict(rows=p.score_rows, row_len=p.score_len, batch_size=8, seed=p.seed + 1)
     val = load_data(p.run_dir, "val")
-    batches = token_batches(tok, val, **held_out)
-    positions = assistant_positions(tok, val, **held_out) if p.score_tokens == "assistant" else None
+    batches, positions = token_batches(tok, val, **held_out, positions=True)
+    positions = positions if p.score_tokens == "assistant" else None
     dev = next(parent.parameters()).device
     scores = score_candidates(parent, library, [b.to(dev) for b in batches], progress=p.progress, positions=positions)
     if p.cost_source == "measured":
@@ -240,6 +240,28 @@ def solve_at(result: dict, budget: float, p: SearchParams) -> dict:
     return {"architecture": describe({k: c.name for k, c in sol.choice.items()}, n_layers),
             "objective": sol.objective, "status": sol.status, "solve_time_s": sol.solve_time_s,
             **{f"{k}_fraction": sol.costs[k] / pc[k] for k in pc if pc[k] > 0}}
+
+
+def explore_budget(result: dict, budget: float, p: SearchParams):
+    """For the explorer's slider: ``(figure or None, text)``: the MIP's child at ``budget`` as a per-layer
+    heatmap, its priced costs, and its measured speed and accuracy when the sweep assembled that budget."""
+    import matplotlib.pyplot as plt
+
+    from lnkit.puzzle.mip import InfeasibleBudget
+
+    try:
+        s = solve_at(result, budget, p)
+    except InfeasibleBudget as e:
+        return None, str(e)
+    fig, ax = plt.subplots(figsize=(7, 1.8))
+    plot_architecture(s["architecture"], ax, f"budget {budget:.2f}: summed {p.score} {s['objective']:.3f}")
+    lines = [f"priced decode time {s['decode_s_fraction']:.0%}, memory {s['memory_bytes_fraction']:.0%}, "
+             f"parameters {s['params_fraction']:.0%} of the parent's; MIP {s['status']} in {s['solve_time_s'] * 1e3:.0f} ms"]
+    measured = {r["budget"]: r for r in result["frontier"] if r["kind"] == "puzzle" and "accuracy" in r}
+    r = measured.get(round(budget, 2))
+    lines.append(f"measured: {r['speedup']:.2f}x decode throughput, {r['accuracy_kept']:.0%} of the parent's accuracy"
+                 if r else "not assembled in the sweep (budgets: " + ", ".join(f"{b:.2f}" for b in sorted(measured)) + ")")
+    return fig, "\n".join(lines)
 
 
 def plot_frontier(frontier: list[dict], title: str = "Puzzle frontier"):
