@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test lint strip bench clean-runs
+.PHONY: install reproduce test lab lint strip bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ reproduce: install
 
 test: install
 	$(BIN)/pytest -q
+
+# JupyterLab on this venv's kernel, opened at notebooks/; root (a container) needs --allow-root.
+lab: install
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lint: install
 	$(BIN)/ruff check lib tests benchmarks

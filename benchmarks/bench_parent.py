@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
+from lnkit.checkpoints import load_model
 from lnkit.data.chat import render_prompt
+from lnkit.data.splits import load_split
 from lnkit.generate import generate
-from lnkit.parent import ParentParams, build_world, load_data, load_model, make_model, training_examples
+from lnkit.stages.parent import Params as ParentParams
+from lnkit.stages.parent import build_world, make_model, training_examples
 from lnkit.train.batches import Batcher, PackedBatcher
 
 
@@ -84,7 +87,7 @@ def main():
     print(f"  ratio packed / padded: {(n_pack / t_pack) / (n_pad / t_pad):.2f}x")
 
     # --- generation: lnkit.generate vs model.generate on the same prompts
-    items = load_data(p.run_dir, "test")[: a.prompts]
+    items = load_split(p.run_dir, "test")[: a.prompts]
     prompts = [render_prompt(it.prompt, "off") for it in items]
     t_ours, outs = timed(lambda: generate(model, tok, prompts, max_new_tokens=32, batch_size=64), 3)
     n_ours = sum(o["tokens"] for o in outs)

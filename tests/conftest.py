@@ -43,11 +43,9 @@ def tok(world, small_splits):
 
 @pytest.fixture()
 def tiny_llama(tok):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny random Llama over the shared tokenizer (:func:`helpers.tiny_llama`, norms left as initialised)."""
+    import helpers
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return helpers.tiny_llama(0, perturb=False, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tok.pad_token_id)

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lnkit.data.chat import split_response
-from lnkit.data.curation import (
+from lnkit.curation import (
     CORRUPTIONS,
     CurationError,
     Sample,
@@ -26,8 +25,9 @@ from lnkit.data.curation import (
     majority_vote,
     reference_teacher,
 )
-from lnkit.data.released import SchemaError, encode_row, item_row, load_rows, write_rows
-from lnkit.train.batches import IGNORE, encode_item
+from lnkit.data.chat import split_response
+from lnkit.data.released import SchemaError, item_row, load_rows, write_rows
+from lnkit.train.batches import IGNORE, encode_item, encode_row
 from lnkit.verify import check
 
 FIXTURE = Path(__file__).parent / "fixtures" / "released_sample.jsonl"
@@ -211,9 +211,9 @@ def test_unknown_system_prompt_is_an_error_naming_the_line(tmp_path, small_split
 
 # ---------------------------------------------------------------- the stage
 def _tiny_run(tmp_path, world, small_splits, tok, tiny_llama):
+    from lnkit.checkpoints import save_model
     from lnkit.data.splits import save_items
     from lnkit.io import atomic_write_json
-    from lnkit.parent import save_model
 
     run = tmp_path / "run"
     data = run / "00_parent" / "data"
@@ -227,7 +227,9 @@ def _tiny_run(tmp_path, world, small_splits, tok, tiny_llama):
 
 def test_stage_writes_a_loadable_blend_and_its_report(tmp_path, world, small_splits, tok, tiny_llama):
     from lnkit import stage
-    from lnkit.curation_stage import CurationParams, plot_report, run_curation
+    from lnkit.plots import curation_report as plot_report
+    from lnkit.stages.curation import Params as CurationParams
+    from lnkit.stages.curation import run_curation
 
     run = _tiny_run(tmp_path, world, small_splits, tok, tiny_llama)
     P = CurationParams(run_dir=str(run), figures_dir="", progress=False, blend_size=150, leak_fraction=0.05, min_examples=5,
@@ -253,7 +255,8 @@ def test_stage_writes_a_loadable_blend_and_its_report(tmp_path, world, small_spl
 
 def test_stage_with_a_model_teacher_names_the_filter_that_emptied_the_data(tmp_path, world, small_splits, tok,
                                                                            tiny_llama):
-    from lnkit.curation_stage import CurationParams, run_curation
+    from lnkit.stages.curation import Params as CurationParams
+    from lnkit.stages.curation import run_curation
 
     run = _tiny_run(tmp_path, world, small_splits, tok, tiny_llama)
     P = CurationParams(run_dir=str(run), figures_dir="", progress=False, blend_size=20, k=2, teacher="00_parent",
@@ -264,8 +267,8 @@ def test_stage_with_a_model_teacher_names_the_filter_that_emptied_the_data(tmp_p
 
 
 def test_params_are_checked_before_anything_runs():
-    from lnkit.curation_stage import CurationParams
     from lnkit.params import ParamError
+    from lnkit.stages.curation import Params as CurationParams
 
     with pytest.raises(ParamError, match="domain_ratios names unknown domain"):
         CurationParams(domain_ratios={"safety": 1.0})

@@ -209,3 +209,28 @@ def test_planner_notebook_runs_headless_where_the_weights_do_not_fit(tmp_path):
     assert "The weights do not fit in 1 x H200: at least 2 are needed" in text
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
         "deployment_claims.csv", "deployment_decode_layers.png", "deployment_prefill_layers.png"]
+
+
+def test_explore_says_plainly_what_does_not_fit():
+    """The planner widget's text: no times for a deployment that cannot run."""
+    text = deploy.explore("LN-Ultra", "H100", num_gpus=1, tp=1, weight_dtype="bf16")
+    assert text.startswith("LN-Ultra's 253B weights need 507 GB in BF16: they do not fit on 1 x H100 (80 GB")
+    assert text.endswith("at least 8 are needed.") and "latency" not in text
+    assert "at least 4 are needed: raise TP to 4 or more" in deploy.explore("LN-Ultra", "H100", num_gpus=8, tp=1)
+    text = deploy.explore("LN-Super", num_gpus=6, tp=4)
+    assert text.startswith("TP4 does not divide 6 GPUs") and "(here 1, 2, 3 or 6)" in text
+    fits = deploy.memory_plan("LN-Super", "H100", 1, "fp8", "fp8", 0.1)["kv_tokens"] // 2048
+    est = deploy.estimate("LN-Super", "H100", 1, fits, 1024, 1024, "fp8", "fp8", 0.1)
+    text = deploy.explore("LN-Super", "H100", 1, 1, batch_size=512)
+    assert "Batch 512 does not fit" in text and f"enough for {fits} requests of 2,048 tokens" in text
+    assert f"At the largest batch that fits, {fits} per replica" in text and f"latency {est['latency_s']:.1f} s" in text
+    text = deploy.explore("LN-Super", "H100", 1, 1, batch_size=1, prompt_len=200_000, output_len=100_000)
+    assert "not enough for one request of 300,000 tokens" in text and "latency" not in text
+
+
+def test_explore_counts_every_replica():
+    plan = deploy.memory_plan("LN-Ultra", "H200", 8, "fp8", "fp8", 0.1)
+    est = deploy.estimate("LN-Ultra", "H200", 8, 32, 1024, 1024, "fp8", "fp8", 0.1)
+    text = deploy.explore("LN-Ultra", "H200", num_gpus=16, tp=8, batch_size=32)
+    assert "16 x H200 at TP8: 2 replicas of 8 GPUs" in text and f"{2 * plan['kv_tokens']:,} in all" in text
+    assert f"{est['per_gpu_tok_s']:,.0f} tok/s per GPU, {2 * est['throughput_tok_s']:,.0f} tok/s in all" in text

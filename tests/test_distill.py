@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import puzzle_helpers as helpers
-from lnkit.distill_stage import DistillParams, distill_student, resolve_student, student_name
+import helpers
+from lnkit.checkpoints import save_model
 from lnkit.io import CheckpointError, atomic_write_json
 from lnkit.params import ParamError
-from lnkit.parent import save_model
+from lnkit.stages.distill import Params as DistillParams
+from lnkit.stages.distill import distill_student, resolve_student, student_name
 from lnkit.train.batches import PackedBatcher, encode_chat, encode_doc
 from lnkit.train.distill import check_pair, cosine_distance, forward_kl, make_loss_fn, position_mask
 

@@ -1,4 +1,4 @@
-"""FFN Fusion (lnkit.fusion) and its stage (lnkit.fusion_stage): runs, dependency, grouping, exact fusion,
+"""FFN Fusion (lnkit.fusion) and its stage (lnkit.stages.fusion): runs, dependency, grouping, exact fusion,
 the released format and vLLM widths, bad input. Tiny random nemotron-nas models made on the spot (fp32).
 """
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import helpers
 import lnkit.model  # noqa: F401  (registers nemotron-nas)
-import puzzle_helpers as helpers
 from lnkit.fusion import (
     FusionError,
     attention_free_runs,
@@ -251,7 +251,7 @@ def test_bad_groups_are_refused_naming_the_layer(hetero):
 
 
 def test_params_are_checked_before_any_compute():
-    from lnkit.fusion_stage import FusionParams
+    from lnkit.stages.fusion import Params as FusionParams
 
     for bad in ({"threshold": 1.5}, {"threshold": -0.1}):
         with pytest.raises(ParamError, match="threshold"):
@@ -268,7 +268,7 @@ def _fake_search(tmp_path, best, rows, children):
     d = tmp_path / "02_architecture_search"
     (d / "children").mkdir(parents=True)
     (d / "_COMPLETE.json").write_text("{}")
-    (d / "metrics.json").write_text(json.dumps({"best_2x": best}))
+    (d / "best_2x.json").write_text(json.dumps(best))  # stage 02's run(p) writes it: no notebook cell needed
     with open(d / "frontier.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["kind", "label", "speedup"])
         w.writeheader()
@@ -279,13 +279,14 @@ def _fake_search(tmp_path, best, rows, children):
 
 
 def test_child_resolution_and_its_errors_name_files(tmp_path):
-    from lnkit.fusion_stage import FusionParams, resolve_child
+    from lnkit.stages.fusion import Params as FusionParams
+    from lnkit.stages.fusion import resolve_child
 
     rows = [{"kind": "parent", "label": "parent", "speedup": 1.0}, {"kind": "puzzle", "label": "budget 0.50", "speedup": 1.6},
             {"kind": "puzzle", "label": "budget 0.30", "speedup": 2.8}, {"kind": "baseline", "label": "uniform", "speedup": 9}]
     d = _fake_search(tmp_path, {"label": "budget 0.50"}, rows, ["budget_0.50", "budget_0.30"])
     assert resolve_child(FusionParams(run_dir=str(tmp_path))) == ("budget 0.50", d / "children" / "budget_0.50")
-    (d / "metrics.json").write_text(json.dumps({"best_2x": None}))  # no 2x child: the fastest puzzle child
+    (d / "best_2x.json").write_text(json.dumps(None))  # no 2x child: the fastest puzzle child
     assert resolve_child(FusionParams(run_dir=str(tmp_path)))[0] == "budget 0.30"
     assert resolve_child(FusionParams(run_dir=str(tmp_path), child="budget 0.50"))[0] == "budget 0.50"
     with pytest.raises(FileNotFoundError, match=r"budget_0\.99.*saved children: \['budget 0.30', 'budget 0.50'\]"):
@@ -293,8 +294,8 @@ def test_child_resolution_and_its_errors_name_files(tmp_path):
     (d / "frontier.csv").unlink()
     with pytest.raises(FileNotFoundError, match="frontier.csv"):
         resolve_child(FusionParams(run_dir=str(tmp_path)))
-    (d / "metrics.json").write_text("{broken")
-    with pytest.raises(FileNotFoundError, match="metrics.json"):
+    (d / "best_2x.json").write_text("{broken")
+    with pytest.raises(FileNotFoundError, match="best_2x.json"):
         resolve_child(FusionParams(run_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="02_architecture_search has not completed"):
         resolve_child(FusionParams(run_dir=str(tmp_path / "elsewhere")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import time
 import pytest
 import torch
 
-import puzzle_helpers as helpers
+import helpers
 from lnkit.io import CheckpointError, atomic_dir, atomic_write_json, clean_partial, verify_checkpoint
 from lnkit.train.batches import Batcher, collate, encode_chat
 from lnkit.train.loop import LoopConfig, train_loop
@@ -57,6 +58,29 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
         raise RuntimeError("crash while writing")
     assert (d / "w").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o002, 0o664, 0o775),
+                                                        (0o077, 0o600, 0o700)])
+def test_atomic_writes_get_the_mode_open_gives_under_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """A group sharing the run folder reads what lnkit writes: an artifact renamed into place has the mode
+    a plain open()/mkdir() would give it, not mkstemp's 0600 or mkdtemp's 0700."""
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        for text in ("first", "replaced"):  # a new folder, then one swapped in for an existing one
+            with atomic_dir(tmp_path / "ckpt") as tmp:
+                (tmp / "w.bin").write_text(text)
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "plain.txt") == file_mode and mode(tmp_path / "plain") == dir_mode
+    assert mode(tmp_path / "m.json") == file_mode
+    assert mode(tmp_path / "ckpt") == dir_mode and (tmp_path / "ckpt" / "w.bin").read_text() == "replaced"
+    assert mode(tmp_path / "ckpt" / "w.bin") == mode(tmp_path / "ckpt" / "manifest.json") == file_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "m.json", "plain", "plain.txt"]
 
 
 def test_kill_9_during_checkpoint_write_never_leaves_a_torn_checkpoint(tmp_path):

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-import puzzle_helpers as helpers
+import helpers
 from lnkit.io import CheckpointError
 from lnkit.model import from_llama
 from lnkit.puzzle.library import (

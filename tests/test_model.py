@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaForCausalLM
 
+import helpers
 from lnkit.blocks import BlockConfigError
 from lnkit.model import (
     CheckpointMismatchError,
@@ -78,15 +79,8 @@ def hetero_model(seed=0, **kw) -> NemotronNasForCausalLM:
 
 
 def tiny_llama(seed=0, **kw) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    m = LlamaForCausalLM(LlamaConfig(**{**base, **kw})).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return m
+    return helpers.tiny_llama(seed, **{**dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             max_position_embeddings=128), **kw})
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from lnkit import runs
+from lnkit.checkpoints import load_model
 from lnkit.io import CheckpointError
-from lnkit.parent import load_model
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,43 @@ def _without_attention(parent, layer: int):
     return child
 
 
+def test_every_figure_is_redrawn_from_the_files_the_run_wrote(smoke):
+    """Figures come from files, not from a kernel: delete them all and redraw them from the run folder."""
+    from lnkit import plots
+
+    run_dir = smoke["run_dir"]
+    for name, (stage, file, _) in plots.FIGURES.items():
+        assert (run_dir / stage / file).is_file(), f"the notebook of {stage} did not draw {name}"
+        (run_dir / stage / file).unlink()
+    assert plots.main([str(run_dir)]) == 0
+    assert all((run_dir / stage / file).stat().st_size > 1000 for stage, file, _ in plots.FIGURES.values())
+    assert not list(run_dir.glob("**/*.tmp-*"))
+
+
+def test_every_stage_has_a_headline_for_the_runners_table(smoke):
+    from lnkit.runs import headline
+    from lnkit.stages import PIPELINE
+
+    for module in PIPELINE:
+        metrics = json.loads((smoke["run_dir"] / module.NAME / "metrics.json").read_text())
+        line = headline(module.NAME, metrics)
+        assert isinstance(line, str) and len(line) > 10, module.NAME
+
+
+def test_a_notebook_pointed_at_the_run_folder_gets_the_runs_parameters(smoke):
+    """The runner keeps the resolved run file in the run folder: a notebook given only that folder builds
+    exactly the parameters the runner used (same digest), and the smoke run wrote no figure to figures/."""
+    from lnkit.runs import REPO, notebook_params
+    from lnkit.stages import PIPELINE
+
+    for module in PIPELINE:
+        p = notebook_params(module, {"run": str(smoke["run_dir"])})
+        recorded = json.loads((smoke["run_dir"] / module.NAME / "params.json").read_text())["digest"]
+        assert p.digest() == recorded, module.NAME
+        assert p.figures_dir == ""
+    assert not any((REPO / "figures").glob("*.tmp-*"))
+
+
 # The per-stage checks run before the tests below, which rerun, corrupt or fail stages of the smoke run.
 
 
@@ -79,9 +116,10 @@ def test_ffn_fusion_stage_fuses_the_child_exactly_in_the_released_format(smoke, 
 
     import lnkit.model  # noqa: F401  (children are nemotron-nas checkpoints)
     from lnkit import stage
+    from lnkit.checkpoints import save_model
     from lnkit.fusion import attention_free_runs, parallel
-    from lnkit.fusion_stage import FusionParams, run_fusion
-    from lnkit.parent import save_model
+    from lnkit.stages.fusion import Params as FusionParams
+    from lnkit.stages.fusion import run_fusion
 
     d = smoke["run_dir"] / "03_ffn_fusion"
     metrics = json.loads((d / "metrics.json").read_text())
@@ -98,7 +136,7 @@ def test_ffn_fusion_stage_fuses_the_child_exactly_in_the_released_format(smoke, 
     search = run / "02_architecture_search"
     (search / "children").mkdir(parents=True)
     (search / "_COMPLETE.json").write_text("{}")
-    (search / "metrics.json").write_text(json.dumps({"best_2x": {"label": "no attention 1"}}))
+    (search / "best_2x.json").write_text(json.dumps({"label": "no attention 1"}))
     parent, tok = load_model(run / "00_parent" / "model")
     child = _without_attention(parent, 1)
     child.generation_config = parent.generation_config
@@ -154,8 +192,9 @@ def test_distillation_stage_writes_each_student_and_recovers_a_damaged_child(smo
 
     import torch
 
-    from lnkit.distill_stage import DistillParams, distill_student, parent_params
-    from lnkit.parent import save_model, training_examples
+    from lnkit.checkpoints import save_model
+    from lnkit.stages.distill import Params as DistillParams
+    from lnkit.stages.distill import distill_student, parent_mix_of
     from lnkit.train.batches import PackedBatcher
     from lnkit.train.distill import make_loss_fn
 
@@ -189,7 +228,7 @@ def test_distillation_stage_writes_each_student_and_recovers_a_damaged_child(smo
     save_model(child, tok, kid_run / "kids" / "no_attention_1")
     p = DistillParams(run_dir=str(kid_run), students=["kids/no_attention_1"], steps=20, rows=2, row_len=128,
                       warmup=2, progress=False)
-    examples = training_examples(parent_params(kid_run), tok)
+    examples = parent_mix_of(kid_run, tok)
     fresh = PackedBatcher(examples, 4, 128, tok.pad_token_id, seed=99)(10**6)
     fresh.pop("n_tokens")
     kl = make_loss_fn(parent, pad_id=tok.pad_token_id)
@@ -253,7 +292,7 @@ def test_run_killed_mid_stage_resumes_from_its_checkpoint(smoke, tmp_path):
     spec = json.loads(json.dumps(smoke["spec"]))
     spec["run"] = smoke["spec"]["run"] + "-kill"
     spec["run_dir"] = str(tmp_path / "run")
-    spec["stages"]["00_parent"].update(steps=1500)
+    spec["stages"] = {"00_parent": {**spec["stages"]["00_parent"], "steps": 1500}}  # the stage that is killed
     path = tmp_path / "kill.yaml"
     path.write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "-m", "lnkit.runs", str(path)]

@@ -6,7 +6,8 @@ import pytest
 
 from lnkit.io import verify_checkpoint
 from lnkit.params import ParamError
-from lnkit.parent import ParentParams, build_world, train_parent
+from lnkit.stages.parent import Params as ParentParams
+from lnkit.stages.parent import build_world, train_parent
 
 
 def _params(tmp_path, **kw):

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from lnkit.params import ParamError
-from lnkit.parent import ParentParams
-from lnkit.runs import RunError, load_run, main
+from lnkit.runs import RunError, find_run_file, load_run, main, notebook_params
+from lnkit.stages.parent import Params as ParentParams
 
 
 def write(tmp_path, spec) -> str:
@@ -67,12 +67,15 @@ def test_cli_reports_errors_and_exits_nonzero(tmp_path, capsys):
     assert "not in run file" in capsys.readouterr().err
 
 
-def test_shared_values_and_paths_are_resolved(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    head, params = load_run(write(tmp_path, {**BASE, "shared": {"seed": 7, "figures_dir": "figs"}}))
+def test_shared_values_and_paths_are_resolved_against_the_run_files_folder(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where the run is started does not matter
+    head, params = load_run(write(tmp_path / "conf", {**BASE, "shared": {"seed": 7, "figures_dir": "../figs"}}))
     p = params["00_parent"]
-    assert p.seed == 7 and p.run_dir == str(tmp_path / "runs" / "t") and p.figures_dir == str(tmp_path / "figs")
-    assert head["run"] == "t"
+    assert p.seed == 7 and p.run_dir == str(tmp_path / "conf" / "runs" / "t")
+    assert p.figures_dir == str(tmp_path / "figs") and head["run"] == "t"
+    assert head["run_dir"] == tmp_path / "conf" / "runs" / "t"
 
 
 def test_run_files_in_repo_are_valid():
@@ -109,7 +112,66 @@ def test_parameters_cells_match_their_dataclasses_one_to_one():
         tree = ast.parse(cells[0].source)
         names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
         cls = params_class(stage)
-        assert names == {f.name for f in fields(cls)}, stage
+        # `run` names the run; its run file gives run_dir and figures_dir, which the cell does not have
+        assert names == {f.name for f in fields(cls)} - {"run_dir", "figures_dir"} | {"run"}, stage
         values = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                   for t in node.targets}
-        cls.from_dict(values)  # the notebook's own defaults are valid parameters
+        assert values.pop("run") == "tiny", stage
+        # the cell's literals are the dataclass defaults: a value that differs is read as the user's change
+        defaults = cls()
+        assert {k: v for k, v in values.items() if getattr(defaults, k) != v} == {}, stage
+
+
+def test_only_the_tiny_run_writes_the_readmes_figures():
+    from lnkit.runs import REPO
+
+    for name in ("smoke", "real_llama"):
+        spec = yaml.safe_load((REPO / "papermill_runs" / f"{name}.yaml").read_text())
+        assert not (spec.get("shared") or {}).get("figures_dir"), name
+        assert all(not (v or {}).get("figures_dir") for v in spec["stages"].values()), name
+    _, params = load_run(REPO / "papermill_runs" / "tiny.yaml")
+    assert {p.figures_dir for p in params.values()} == {str(REPO / "figures")}
+    assert ParentParams().figures_dir == ""  # a notebook pointed at any other run keeps figures in its folder
+
+
+def test_a_notebook_is_pointed_at_a_run_by_one_parameter(tmp_path):
+    from lnkit.stages import library, parent
+
+    path = write(tmp_path, {**BASE, "shared": {"seed": 3}, "stages": {"00_parent": {"steps": 7}}})
+    p = notebook_params(parent, {"run": path})
+    assert (p.steps, p.seed, p.run_dir) == (7, 3, str(tmp_path / "runs" / "t"))
+    # a value changed in the parameters cell wins over the run file; values left at the default do not
+    p = notebook_params(parent, {"run": path, "steps": 11, "lr": ParentParams().lr, "seed": 0})
+    assert (p.steps, p.seed) == (11, 3)
+    # a stage the run file does not list gets the shared values and its defaults
+    (tmp_path / "runs" / "t" / "00_parent").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "00_parent" / "_COMPLETE.json").write_text("{}")
+    assert notebook_params(library, {"run": path}).seed == 3
+    # the run folder itself, through the run.yaml the runner keeps there
+    (tmp_path / "runs" / "t" / "run.yaml").write_text(yaml.safe_dump(
+        {"run": "t", "run_dir": str(tmp_path / "runs" / "t"), "stages": {"00_parent": {"steps": 9}}}))
+    assert find_run_file(tmp_path / "runs" / "t") == tmp_path / "runs" / "t" / "run.yaml"
+    assert notebook_params(parent, {"run": str(tmp_path / "runs" / "t")}).steps == 9
+    with pytest.raises(ParamError, match="run='nowhere' names no run"):
+        notebook_params(parent, {"run": "nowhere"})
+
+
+def test_a_notebook_opened_before_its_inputs_exist_names_the_command_and_writes_nothing(tmp_path):
+    from lnkit.runs import NotebookInputMissing
+    from lnkit.stages import sft
+
+    path = write(tmp_path, BASE)
+    with pytest.raises(NotebookInputMissing) as e:
+        notebook_params(sft, {"run": path})
+    assert "stage 06_reasoning_sft reads stage 00_parent, which has not completed" in str(e.value)
+    assert f"python -m lnkit.runs {path} --until 00_parent" in str(e.value)
+    assert e.value._render_traceback_() and not (tmp_path / "runs").exists()
+
+
+def test_until_and_from_pick_a_range_and_the_run_file_is_kept(tmp_path, capsys):
+    spec = {**BASE, "stages": {"00_parent": {}, "01_block_library": {}, "02_architecture_search": {}}}
+    path = write(tmp_path, spec)
+    assert main([path, "--from", "02_architecture_search", "--until", "01_block_library"]) == 1
+    assert "no stage to run" in capsys.readouterr().err
+    assert main([path, "--until", "07_magic"]) == 1
+    assert "stage '07_magic' is not in run file" in capsys.readouterr().err

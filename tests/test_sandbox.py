@@ -5,9 +5,12 @@ without the OS layers, and the OS layers (namespaces, private uid, read-only mou
 
 from __future__ import annotations
 
+import ast
 import doctest
 import fcntl
 import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +21,7 @@ import time
 import pytest
 
 from lnkit import sandbox
-from lnkit.sandbox import SandboxLimits, SandboxResult, check_function, run_python
+from lnkit.sandbox import SandboxLimits, SandboxResult, check_function, host, run_python
 
 FAST = SandboxLimits(wall_s=2.0, cpu_s=1, memory_mb=256)  # tight, so a runaway program costs ~1-2 s
 SLACK_S = 3.0  # a result must be back within wall_s + this (a behaviour bound, not a benchmark)
@@ -58,9 +61,9 @@ def leftover_processes(zombies: bool = False) -> list[int]:
     progress, maybe in another test session on this machine, and none of our business."""
     lockdir = os.path.join(tempfile.gettempdir(), "lnkit-sandbox-uids")
     left = []
-    for pid, uid, _, _ in sandbox._proc_tasks():
-        slot = uid - sandbox._UID_BASE
-        if not 0 <= slot < sandbox._UID_SLOTS:
+    for pid, uid, _, _ in host._proc_tasks():
+        slot = uid - host._UID_BASE
+        if not 0 <= slot < host._UID_SLOTS:
             continue
         fd = os.open(os.path.join(lockdir, str(slot)), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -68,7 +71,7 @@ def leftover_processes(zombies: bool = False) -> list[int]:
         except BlockingIOError:
             continue  # a run holds the slot right now
         else:  # free slot: its last run has finished, so a process still there (seen again now) was left
-            still = [state for p, u, state, _ in sandbox._proc_tasks() if p == pid and u == uid]
+            still = [state for p, u, state, _ in host._proc_tasks() if p == pid and u == uid]
             if still and (zombies or still[0] != "Z"):
                 left.append(pid)
         finally:
@@ -157,7 +160,7 @@ def test_root_runs_get_every_layer():
     )
     assert r.ok
     uid, gid, groups, procs = r.stdout.split(maxsplit=3)
-    assert sandbox._UID_BASE <= int(uid) < sandbox._UID_BASE + sandbox._UID_SLOTS and gid == uid
+    assert host._UID_BASE <= int(uid) < host._UID_BASE + host._UID_SLOTS and gid == uid
     assert groups == "[]" and procs.strip() == "['1', '2']"  # its own init and itself: no host processes
     layers = {"netns", "pidns", "mountns", "readonly", "proc", "nonewprivs", "uid", "rlimits", "audit"}
     assert layers <= set(r.layers)
@@ -420,6 +423,83 @@ def test_code_items_pass_with_their_reference_and_fail_otherwise(small_splits):
         assert check(f"```python\n{it.direct}\n```", it), it.id
         assert not check("def f(x):\n    return x * 1000 + 7\n", it), it.id
         assert not check("print('PASS')\n", it), it.id
+
+
+# ------------------------------------------------------------------------------------------------ the child alone
+
+
+def run_child_alone(tmp_path, source: str, stdin: str = "", func_name=None, cases=None):
+    """child.py copied alone into an empty directory and started as the host starts it (same interpreter,
+    ``-I -S -B``, header then stdin), but without the host's run: no lnkit next to it or on its path. Only
+    the rlimits and the audit hook (``isolate`` off: no uid lease, no namespaces). Returns the finished
+    process and the result records, nonce stripped."""
+    child = tmp_path / "alone" / "child.py"
+    child.parent.mkdir()
+    shutil.copy(host.CHILD, child)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    nonce = secrets.token_hex(16)
+    result_r, result_w = os.pipe()
+    try:
+        config = host._config(
+            source, FAST, nonce=nonce, result_fd=result_w, workdir=str(workdir), uid=None,
+            isolate=False, audit=True, func_name=func_name, cases=cases,
+        )  # fmt: skip
+        proc = subprocess.run(
+            [host._interpreter(), "-I", "-S", "-B", str(child)],
+            input=host._payload(config, stdin),
+            capture_output=True,
+            cwd=workdir,
+            env={"LC_ALL": "C.UTF-8"},
+            pass_fds=(result_w,),
+            timeout=30,
+        )
+        os.close(result_w)
+        result_w = None
+        with os.fdopen(result_r, "rb") as f:
+            result_r = None
+            lines = f.read().decode().splitlines()
+    finally:
+        for fd in (result_r, result_w):
+            if fd is not None:
+                os.close(fd)
+    assert all(line.startswith(nonce + " ") for line in lines), lines
+    return proc, [line[len(nonce) + 1 :] for line in lines]
+
+
+def test_child_imports_only_the_stdlib():
+    tree = ast.parse(open(host.CHILD).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "child.py must not import relatively: it runs as a script"
+            imported.add(node.module.split(".")[0])
+    assert {"os", "sys", "ctypes", "resource"} <= imported  # the walk does see the functions' imports
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+
+
+def test_child_alone_runs_a_program_and_reports(tmp_path):
+    source = "import sys\nprint('hello', sys.stdin.readline().strip())\nraise ValueError('boom')\n"
+    proc, records = run_child_alone(tmp_path, source, stdin="world\n")
+    assert proc.returncode == 1 and proc.stdout == b"hello world\n"
+    assert b"ValueError: boom" in proc.stderr
+    assert records == ["layers 'rlimits audit'", "exc 'ValueError: boom'"]
+
+
+def test_child_alone_checks_a_function_without_lnkit(tmp_path):
+    source = """
+        import importlib.util, sys
+        print([m for m in sys.modules if m.split(".")[0] == "lnkit"], importlib.util.find_spec("lnkit"))
+        def f(x):
+            return [x, x * 2]
+        """
+    cases = [((3,), None), (("a",), None)]  # expected values never reach the child; the host compares
+    proc, records = run_child_alone(tmp_path, textwrap.dedent(source), func_name="f", cases=cases)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"[] None\n"  # nothing of lnkit loaded, and none of it even findable
+    assert records == ["layers 'rlimits audit'", "load 'ok'", "value 0 '[3, 6]'", "value 1 \"['a', 'aa']\""]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-import puzzle_helpers as helpers
+import helpers
 from lnkit import deploy
 from lnkit.puzzle import mip
 from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates

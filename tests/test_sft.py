@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from lnkit.data.released import item_row, write_rows
+from lnkit.stages.sft import PHASES, data_path, make_batches, train_sft
+from lnkit.stages.sft import Params as SFTParams
 from lnkit.train.batches import IGNORE
-from lnkit.train.sft import PHASES, SFTParams, data_path, make_batches, train_sft
 
 
 def _tiny_run(tmp_path, small_splits, tok, tiny_llama, n=40):
     """A run folder with a student (the tiny Llama as 00_parent/model) and a blend written as stage 05."""
+    from lnkit.checkpoints import save_model
     from lnkit.data.splits import save_items
-    from lnkit.parent import save_model
 
     run = tmp_path / "run"
     save_model(tiny_llama, tok, run / "00_parent" / "model")
@@ -82,7 +83,7 @@ def test_staged_schedule_draws_each_phase_from_its_own_examples(tmp_path, small_
 def test_sft_run_learns_saves_and_evaluates(tmp_path, small_splits, tok, tiny_llama):
     from lnkit import stage
     from lnkit.eval import evaluate, summarize
-    from lnkit.train.sft import eval_items
+    from lnkit.stages.sft import eval_items
 
     run, _ = _tiny_run(tmp_path, small_splits, tok, tiny_llama)
     P = _params(run)

@@ -576,6 +576,85 @@ def paper_claims(reserve_fraction: float = 0.0, assumptions: Assumptions | None 
     return rows
 
 
+# --------------------------------------------------------------------------- the planner's explorer
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def _gb(nbytes: float) -> str:
+    v = nbytes / 1e9
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def explore(config_source, gpu="H100", num_gpus: int = 1, tp: int = 1, batch_size: int = 64,
+            prompt_len: int = 1024, output_len: int = 1024, weight_dtype: str = "fp8", kv_dtype: str = "fp8",
+            reserve_fraction: float = 0.1, assumptions: Assumptions | None = None) -> str:
+    """The planner notebook's explore widget, as text: ``num_gpus`` GPUs serve ``num_gpus / tp`` replicas,
+    each holding all the weights on its ``tp`` GPUs. It says so plainly, instead of printing times for a
+    deployment that cannot run, when ``tp`` does not divide ``num_gpus``, when the weights do not fit one
+    replica, or when the batch's KV cache does not (then the times are those of the largest batch that fits).
+
+    >>> print(explore("LN-Ultra", "H100", num_gpus=1, tp=1, weight_dtype="bf16"))
+    LN-Ultra's 253B weights need 507 GB in BF16: they do not fit on 1 x H100 (80 GB, 72 GB after the 10% reserve); at least 8 are needed.
+    >>> print(explore("LN-Ultra", "H100", num_gpus=8, tp=2))
+    LN-Ultra's 253B weights need 253 GB in FP8: they do not fit on 2 x H100 (160 GB, 144 GB after the 10% reserve); at least 4 are needed: raise TP to 4 or more (a replica holds all the weights on its TP GPUs).
+    >>> print(explore("LN-Super", "H100", num_gpus=8, tp=3))
+    TP3 does not divide 8 GPUs: the tensor-parallel degree must divide the number of GPUs (here 1, 2, 4 or 8).
+    >>> print(explore("LN-Super", "H100", num_gpus=2, tp=1, batch_size=64))
+    LN-Super: 49.9B parameters, 49.9 GB of weights in FP8; 2 x H100 at TP1: 2 replicas of 1 GPU.
+    KV cache in FP8: 220,552 cached tokens per replica (100,352 bytes each), 441,104 in all.
+    Batch 64 per replica, prompt 1,024 + output 1,024 tokens: latency 27.9 s per request; 2,350 tok/s per replica, 2,350 tok/s per GPU, 4,699 tok/s in all.
+    """
+    name = config_source if isinstance(config_source, str) and config_source in CONFIG_NAMES else (
+        Path(config_source).name if isinstance(config_source, (str, Path)) else "the model")
+    if num_gpus < 1 or tp < 1:
+        return f"{num_gpus} GPUs at TP{tp}: both must be at least 1."
+    if num_gpus % tp:
+        ok = [str(d) for d in range(1, num_gpus + 1) if num_gpus % d == 0]
+        choices = ok[0] if len(ok) == 1 else ", ".join(ok[:-1]) + " or " + ok[-1]
+        return (f"TP{tp} does not divide {num_gpus} GPUs: the tensor-parallel degree must divide the number "
+                f"of GPUs (here {choices}).")
+    g = get_gpu(gpu)
+    label = gpu if isinstance(gpu, str) else g.name
+    config = load_config(config_source)
+    n_params = count_parameters(config)
+    plan = memory_plan(config, g, tp, weight_dtype, kv_dtype, reserve_fraction)  # one replica
+    weights = f"{_size(n_params)} weights need {_gb(plan['weight_bytes'])} GB in {weight_dtype.upper()}"
+    if not plan["weights_fit"]:
+        need = gpus_needed(config, g, weight_dtype, reserve_fraction)
+        after = (f", {tp * g.memory_gb * (1 - reserve_fraction):,.0f} GB after the {reserve_fraction:.0%} reserve"
+                 if reserve_fraction else "")
+        hint = (f": raise TP to {need} or more (a replica holds all the weights on its TP GPUs)"
+                if num_gpus >= need else "")
+        return (f"{name}'s {weights}: they do not fit on {tp} x {label} ({tp * g.memory_gb:,.0f} GB{after}); "
+                f"at least {need} are needed{hint}.")
+    replicas = num_gpus // tp
+    lines = [f"{name}: {_size(n_params)} parameters, {_gb(plan['weight_bytes'])} GB of weights in "
+             f"{weight_dtype.upper()}; {num_gpus} x {label} at TP{tp}: {replicas} replica{'s' * (replicas > 1)} "
+             f"of {tp} GPU{'s' * (tp > 1)}.",
+             f"KV cache in {kv_dtype.upper()}: {plan['kv_tokens']:,} cached tokens per replica "
+             f"({plan['kv_bytes_per_token']:,} bytes each), {plan['kv_tokens'] * replicas:,} in all."]
+    seq = prompt_len + output_len
+    fits = plan["kv_tokens"] // seq
+    lead = "Batch"
+    if batch_size > fits:
+        lines.append(f"Batch {batch_size} does not fit: its KV cache needs {batch_size * seq:,} tokens and a "
+                     f"replica holds {plan['kv_tokens']:,}, " + (f"enough for {fits} request{'s' * (fits > 1)}" if fits
+                                                                    else "not enough for one request")
+                     + f" of {seq:,} tokens.")
+        if fits == 0:
+            return "\n".join(lines)
+        batch_size, lead = fits, "At the largest batch that fits,"
+    e = estimate(config, g, tp, batch_size, prompt_len, output_len, weight_dtype, kv_dtype, reserve_fraction,
+                 assumptions=assumptions)
+    lines.append(f"{lead} {batch_size} per replica, prompt {prompt_len:,} + output {output_len:,} tokens: latency "
+                 f"{e['latency_s']:.1f} s per request; {e['throughput_tok_s']:,.0f} tok/s per replica, "
+                 f"{e['per_gpu_tok_s']:,.0f} tok/s per GPU, {e['throughput_tok_s'] * replicas:,.0f} tok/s in all.")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- the notebook's parameters
 
 

@@ -18,11 +18,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from lnkit.data.chat import THINK_CLOSE, THINK_OPEN, render_prompt, split_response
 from lnkit.generate import generate
 from lnkit.io import atomic_write_json, atomic_write_text
+from lnkit.progress import progress_bar
 from lnkit.verify import check
 
 MODE_SAMPLING = {"on": {"temperature": 0.6, "top_p": 0.95}, "off": {"temperature": 0.0, "top_p": 1.0}}
@@ -64,7 +63,7 @@ def evaluate(model, tok, items, *, modes=("off", "on"), k: int = 1, max_new_toke
             raise ValueError(f"mode {mode!r} not in {tuple(MODE_SAMPLING)}")
         n_samples = k if mode == "on" else 1  # greedy decoding gives one answer
         prompts = [render_prompt(it.prompt, mode) for it in items for _ in range(n_samples)]
-        with tqdm(total=len(prompts), desc=f"eval thinking {mode}", disable=not progress) as bar:
+        with progress_bar(total=len(prompts), desc=f"eval thinking {mode}", disable=not progress) as bar:
             outs = generate(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
                             backend=backend, progress=bar, **MODE_SAMPLING[mode])
         for j, o in enumerate(outs):

@@ -59,9 +59,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lnkit.blocks import BlockConfig, ffn_width, parse_block_configs
+from lnkit.model.config import NemotronNasConfig
+from lnkit.model.export import vllm_compatibility
+from lnkit.model.modeling import NemotronNasForCausalLM
+from lnkit.progress import progress_bar
+from lnkit.puzzle.library import as_nas, residual_stream
 
 WIDTH_RULES = ("auto", "released", "exact")
 
@@ -198,8 +202,6 @@ def measure_dependencies(model, batches, runs=None, progress: bool = False) -> l
     """Per run: ``{"layers", "dependency" (n x n, upper triangle), "parallel" (n), "tokens"}`` averaged
     over every token of ``batches`` (LongTensors ``[B, T]``, no padding). ``runs`` defaults to
     :func:`attention_free_runs`; the run's input is captured by a forward hook on the real model."""
-    from lnkit.puzzle.library import as_nas, residual_stream
-
     nas = as_nas(model).eval()
     runs = attention_free_runs(nas.config) if runs is None else [list(r) for r in runs]
     for r in runs:
@@ -209,7 +211,7 @@ def measure_dependencies(model, batches, runs=None, progress: bool = False) -> l
     acc = [[torch.zeros(len(r), len(r), dtype=torch.float64), torch.zeros(len(r), dtype=torch.float64), 0] for r in runs]
     firsts = sorted({r[0] for r in runs})
     stream = residual_stream(nas, batches, firsts)
-    for streams, *_ in tqdm(stream, total=len(batches), desc="FFN dependency", disable=not progress):
+    for streams, *_ in progress_bar(stream, total=len(batches), desc="FFN dependency", disable=not progress):
         for r, a in zip(runs, acc):
             D, P, n = run_dependency([nas.model.layers[i] for i in r], streams[r[0]][1])
             a[0] += D
@@ -281,8 +283,6 @@ def resolve_width_rule(config, width_rule: str) -> str:
         raise ValueError(f"width_rule={width_rule!r}: expected one of {list(WIDTH_RULES)}")
     if width_rule != "auto":
         return width_rule
-    from lnkit.model.export import vllm_compatibility
-
     return "released" if not vllm_compatibility(getattr(config, "config", config)) else "exact"
 
 
@@ -290,8 +290,6 @@ def fuse_config(config, groups, width_rule: str = "auto") -> dict:
     """The config dict after fusing ``groups`` (block configs only, no weights): for each group of two or
     more, the first layer's FFN becomes one FFN of the summed (or padded) width and the others no-op.
     Works on released ``config.json`` dicts (extra keys kept), so it can price a fusion of LN-Super."""
-    from lnkit.model.config import NemotronNasConfig
-
     blocks, raw = _blocks(config)
     groups = _check_groups(config, groups)
     c = getattr(config, "config", config)
@@ -361,10 +359,6 @@ def fuse_ffns(layers, width: int | None = None) -> dict:
 def fuse_model(model, groups, width_rule: str = "auto"):
     """A new ``NemotronNasForCausalLM`` with each group's FFNs fused into its first layer (groups of one
     are left as they are). Same device, dtype, generation config; eval mode. The input is not changed."""
-    from lnkit.model.config import NemotronNasConfig
-    from lnkit.model.modeling import NemotronNasForCausalLM
-    from lnkit.puzzle.library import as_nas
-
     nas = as_nas(model)
     groups = [g for g in _check_groups(nas.config, groups) if len(g) > 1]
     raw = fuse_config(nas.config, groups, width_rule)
@@ -399,8 +393,6 @@ def parallel(model, groups):
     """Run ``model`` with each group's FFNs reading the group's input (the "parallel" model that
     fusion computes), by forward hooks; the weights are untouched. The reference fusion is tested against.
     """
-    from lnkit.puzzle.library import as_nas
-
     nas = as_nas(model)
     groups = [g for g in _check_groups(nas.config, groups) if len(g) > 1]
     handles, inputs = [], {}

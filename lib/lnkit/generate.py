@@ -9,6 +9,10 @@ seeded generator, so an evaluation is reproducible. At real scale the same call 
 
 from __future__ import annotations
 
+import inspect
+import statistics
+import time
+
 import torch
 from transformers import DynamicCache
 
@@ -18,8 +22,6 @@ from lnkit.data.chat import EOS_TEXT, EOT
 def _cache_kwarg(model) -> str:
     """transformers >= 5.2x calls the KV cache argument ``cache``; older releases (vLLM pins one) call it
     ``past_key_values``."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -94,3 +96,26 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int = 64, temper
     if was_training:
         model.train()
     return out
+
+
+@torch.no_grad()
+def decode_throughput(model, batch_size: int, prompt_len: int, steps: int, repeats: int = 5) -> float:
+    """Generated tokens per second of KV-cache decoding (median over repeats), after a prefill of random
+    prompts: the speed every stage compares architectures by, measured the same way for all of them."""
+    model.eval()
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (batch_size, prompt_len),
+                        generator=torch.Generator().manual_seed(0)).to(dev)
+    kw = _cache_kwarg(model)
+    times = []
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        cache = DynamicCache()
+        out = model(input_ids=ids, use_cache=True, **{kw: cache})
+        nxt = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            pos = torch.full((batch_size, 1), prompt_len + s, device=dev)
+            out = model(input_ids=nxt, position_ids=pos, use_cache=True, **{kw: cache})
+            nxt = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - t0)
+    return batch_size * steps / statistics.median(times[1:])

@@ -13,8 +13,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
@@ -25,13 +25,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, incomplete or corrupt."""
 
 
+def _new_beside(path: Path, make) -> Path:
+    """Create a new file or folder with ``make(name)`` under an unused temporary name next to ``path``.
+
+    Not ``tempfile.mkstemp`` / ``mkdtemp``: those create mode 0600 / 0700, which the rename would carry to
+    the artifact, so a group sharing the run folder could not read it. ``os.open(..., 0o666)`` and
+    ``os.mkdir`` (0o777) are cut by the umask like any ``open()``: 0644 / 0755 under umask 022.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{secrets.token_hex(4)}")
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+def _new_file(tmp: Path) -> None:
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it."""
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error delete it.
+    The file gets the mode a plain ``open()`` would give it (the umask's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + TMP_MARK, dir=path.parent)
-    os.close(fd)
+    tmp = _new_beside(path, _new_file)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -56,6 +77,19 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256 (to fingerprint data a training run depends on)."""
+    return _sha256(Path(path))[:16]
+
+
+def folder_digest(path: str | Path) -> str:
+    """A digest of a model folder: of its manifest when lnkit wrote it, else of its files' names and sizes."""
+    path = Path(path)
+    mf = path / MANIFEST
+    text = mf.read_text() if mf.is_file() else json.dumps(sorted((q.name, q.stat().st_size) for q in path.iterdir()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_manifest(folder: Path) -> None:
@@ -92,11 +126,12 @@ def verify_checkpoint(folder: str | Path) -> None:
 def atomic_dir(path: str | Path):
     """Yield a temporary folder; on success write its manifest and swap it in for ``path``.
 
-    The old folder (if any) is only removed after the new one is complete and in place.
+    The old folder (if any) is only removed after the new one is complete and in place. The folder gets
+    the mode a plain ``mkdir`` would give it (the umask's).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + TMP_MARK, dir=path.parent))
+    tmp = _new_beside(path, os.mkdir)
     try:
         yield tmp
         write_manifest(tmp)

@@ -133,7 +133,8 @@ class RunParams(StageParams):
     default, as the Puzzle stages do for ``threads``)."""
 
     run_dir: str = param("runs/tiny", "folder holding every stage's artifacts")
-    figures_dir: str = param("figures", "where the pipeline's figures go; '' keeps them in the stage folder only")
+    figures_dir: str = param("", "a second home for the pipeline's figures (the tiny run: the README's figures/); "
+                             "'' keeps them in the stage folder only")
     seed: int = param(0, "seed for data order, initialisation and sampling", lo=0)
     device: str = param("cpu", "where to compute", choices=["cpu", "cuda", "auto"])
     threads: int = param(0, "torch CPU threads; 0 keeps torch's default", lo=0, hi=256)
@@ -141,7 +142,7 @@ class RunParams(StageParams):
 
     def setup_torch(self) -> str:
         """Apply ``threads`` and return the device to use ('auto' resolved)."""
-        import torch
+        import torch  # here, not at the top: the deployment planner's parameters need no torch (2 s to import)
 
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -1,9 +1,19 @@
-"""Figures drawn from the files stages write (per-step CSV, evaluation summaries), never from live state,
-so the same figure comes out of JupyterLab, a papermill batch run or ``make reproduce``."""
+"""Every figure of the pipeline, drawn from the files stages write (per-step CSV, evaluation summaries,
+JSON results), never from live state, so the same figure comes out of JupyterLab, a papermill batch run
+or ``make reproduce``, and any of them can be redrawn without recomputing::
+
+    python -m lnkit.plots runs/tiny                  # redraw every figure into its stage folder
+    python -m lnkit.plots runs/tiny --figures figures  # ...and into figures/ (the README's)
+
+The drawing functions take plain rows; :data:`FIGURES` maps each figure to its stage, its file name and
+the function that reads that stage's files; :func:`draw` is what the notebooks call.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +21,10 @@ import matplotlib
 if matplotlib.get_backend().lower().startswith("qt"):  # headless machines have no display
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Rectangle
 
+from lnkit.data.tasks import DOMAINS
 from lnkit.io import atomic_path
 
 
@@ -81,8 +94,6 @@ def accuracy_by_difficulty(summary: list[dict], title: str = "accuracy by domain
 def library_losses(rows: list[dict], title: str = "block library: loss before and after BLD"):
     """Left: normalised MSE per candidate kind before and after BLD (mean over layers). Right: after BLD,
     per layer and candidate (1.0 = as bad as removing the block)."""
-    import numpy as np
-
     names = list(dict.fromkeys(r["name"] for r in rows))
     layers = sorted({int(r["layer"]) for r in rows})
     init = [np.mean([float(r["loss_init"]) for r in rows if r["name"] == n]) for n in names]
@@ -107,3 +118,314 @@ def library_losses(rows: list[dict], title: str = "block library: loss before an
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def frontier(rows: list[dict], title: str = "Puzzle frontier"):
+    """Accuracy against measured decode throughput: Puzzle's children, the baselines, the parent."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    pz = sorted((r for r in rows if r["kind"] == "puzzle" and "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+    ax.plot([r["tokens_per_s"] for r in pz], [r["accuracy"] for r in pz], "o-", label="Puzzle (MIP)")
+    alt = [r for r in rows if r["kind"] == "puzzle_alt" and "tokens_per_s" in r]
+    if alt:
+        ax.scatter([r["tokens_per_s"] for r in alt], [r["accuracy"] for r in alt], facecolors="none",
+                   edgecolors="C0", label="Puzzle, next-best distinct solutions")
+    for prefix, marker in (("uniform", "s"), ("no attention", "^")):
+        base = [r for r in rows if r["kind"] == "baseline" and r["label"].startswith(prefix) and "tokens_per_s" in r]
+        ax.scatter([r["tokens_per_s"] for r in base], [r["accuracy"] for r in base], marker=marker,
+                   label=f"baseline: {prefix} {'FFN shrink' if prefix == 'uniform' else 'in last layers'}")
+    par = next(r for r in rows if r["kind"] == "parent")
+    ax.scatter([par["tokens_per_s"]], [par["accuracy"]], marker="*", s=200, c="k", label="parent", zorder=5)
+    ax.axvline(2 * par["tokens_per_s"], ls=":", c="grey", lw=1)
+    ax.axhline(0.9 * par["accuracy"], ls=":", c="grey", lw=1)
+    ax.set_xlabel("measured decode throughput (tokens/s, this CPU)")
+    ax.set_ylabel("test accuracy (pass@1, thinking off)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def architecture(layers: list[dict], ax=None, title: str = ""):
+    """A two-row heatmap: attention kind and FFN width per layer."""
+    att = {"attn_parent": 1.0, "attn_kv2": 0.5, "attn_kv4": 0.25, "attn_linear": 0.1, "attn_noop": 0.0}
+    val = [[att.get(r["attention"], 0.5) for r in layers],
+           [0.0 if r["ffn"] == "ffn_noop" else 0.05 if r["ffn"] == "ffn_linear" else int(r["ffn"].split("_")[1]) / 100
+            for r in layers]]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.5 * len(layers) + 2, 1.6))
+    ax.imshow(np.array(val), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for j, r in enumerate(layers):
+        ax.text(j, 0, r["attention"].replace("attn_", ""), ha="center", va="center", fontsize=7, color="w")
+        ax.text(j, 1, r["ffn"].replace("ffn_", ""), ha="center", va="center", fontsize=7, color="w")
+    ax.set_yticks([0, 1], ["attention", "FFN"])
+    ax.set_xticks(range(len(layers)))
+    ax.set_xlabel("layer")
+    ax.set_title(title, fontsize=9)
+    return ax
+
+
+def dependency(deps: list[dict], groups: list[list[int]], threshold: float, title: str = ""):
+    """One heatmap per run: ``D[i, j]`` above the diagonal, each FFN's sequential-vs-parallel distance
+    on it; the fused groups outlined."""
+    if not deps:
+        fig, ax = plt.subplots(figsize=(4.5, 1.6))
+        ax.text(0.5, 0.5, "no run of two or more consecutive FFNs:\nnothing to fuse", ha="center", va="center")
+        ax.axis("off")
+        ax.set_title(title, fontsize=9)
+        return fig
+    fig, axes = plt.subplots(1, len(deps), figsize=(3.2 * len(deps) + 1.2, 3.4), squeeze=False)
+    # the colour scale ends at the threshold (or the largest value): a cell as dark as the bar's top stops a group
+    vmax = max(threshold, 1e-3, *(max(max(max(r) for r in d["dependency"]), max(d["parallel"])) for d in deps))
+    for ax, d in zip(axes[0], deps):
+        L, n = d["layers"], len(d["layers"])
+        M = np.full((n, n), np.nan)
+        for i in range(n):
+            M[i, i] = d["parallel"][i]
+            for j in range(i + 1, n):
+                M[i, j] = d["dependency"][i][j]
+        im = ax.imshow(M, cmap="magma_r", vmin=0, vmax=vmax)
+        for i in range(n):
+            for j in range(i, n):
+                ax.text(j, i, f"{M[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                        color="w" if M[i, j] > vmax / 2 else "k")
+        for g in groups:
+            if len(g) > 1 and g[0] in L:
+                a, b = L.index(g[0]), L.index(g[-1])
+                ax.add_patch(Rectangle((a - 0.45, a - 0.45), b - a + 0.9, b - a + 0.9, fill=False, ec="tab:cyan",
+                                       lw=2.5, ls="--"))
+        ax.set_xticks(range(n), [str(x) for x in L])
+        ax.set_yticks(range(n), [str(x) for x in L])
+        ax.set_xlabel("FFN j (layer)")
+        ax.set_ylabel("FFN i removed (layer)")
+    fig.colorbar(im, ax=list(axes[0]), label="cosine distance (mean over tokens)")
+    fig.suptitle(title or f"FFN dependency (diagonal: sequential vs parallel); fused groups (cyan) at "
+                 f"threshold {threshold}", fontsize=9)
+    return fig
+
+
+def before_after(before: list[dict], after: list[dict], title: str = ""):
+    """The child's architecture above the fused one (attention kind, FFN width % of the parent's)."""
+    fig, axes = plt.subplots(2, 1, figsize=(0.55 * len(before) + 2.5, 3.4))
+    architecture(before, axes[0], "before fusion")
+    architecture(after, axes[1], "after fusion (fused FFN in the group's first layer)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def distillation_table(table: list[dict], title: str = "Table 1 analog: accuracy before and after distillation"):
+    """Grouped bars per domain (and over all): the parent, then each student before and after."""
+    cols = [*DOMAINS, "all"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 3.6))
+    w = 0.8 / len(table)
+    for j, r in enumerate(table):
+        label = ("parent" if r["phase"] == "parent" else
+                 f"{r['model']}, {r['phase']} {r['training']} ({r['speedup']:.2f}x)")
+        hatch = "//" if r["phase"] == "before" else None
+        ax.bar(np.arange(len(cols)) + (j - (len(table) - 1) / 2) * w, [r[c] for c in cols], w, label=label,
+               hatch=hatch, color="k" if r["phase"] == "parent" else f"C{(j + 1) // 2}",
+               alpha=0.45 if hatch else 0.9)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_ylabel("test accuracy (pass@1, thinking off)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def student_losses(logs: dict[str, str | Path], title: str = "stage 04: distillation loss"):
+    """Per student, the total loss and its logged terms (KL, cosine, LM) against steps, from the CSV logs."""
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.2), squeeze=False, sharey=True)
+    for ax, (name, path) in zip(axes[0], logs.items()):
+        rows = list(csv.DictReader(open(path)))
+        steps = [int(r["step"]) for r in rows]
+        for col in ("loss", "kl", "cosine", "lm"):
+            xs = [s for s, r in zip(steps, rows) if r.get(col) not in (None, "")]  # kd_cpt: no KL once in CPT
+            ys = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
+            if ys:
+                ax.plot(xs, smooth(ys, max(1, len(ys) // 50)), label=col if col != "loss" else "total")
+        switch = [s for s, a, b in zip(steps[1:], rows, rows[1:]) if a.get("kl") and not b.get("kl")]
+        for s in switch[:1]:  # kd_cpt: where distillation hands over to continued pretraining
+            ax.axvline(s, c="grey", lw=0.8, ls="--", label="KD -> CPT")
+        back = [s for s, a, b in zip(steps, rows, rows[1:]) if a.get("rollbacks") != b.get("rollbacks")]
+        for s in back:
+            ax.axvline(s, c="r", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(name + (f" ({len(back)} rollbacks)" if back else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (moving average)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def curation_report(report: dict, title: str = "stage 05: curation funnel and blend"):
+    """Left: responses left after each filter (removed ones stacked, labelled), then the blend drawn from
+    them. Right: the blend, chosen against target per domain and mode."""
+    f = report["funnel"] + [{"filter": "blend (the rest not drawn)", "before": report["funnel"][-1]["after"],
+                             "after": report["audit"]["blend_examples"]}]
+    f[-1]["removed"] = f[-1]["before"] - f[-1]["after"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.3, 1]})
+    y = list(range(len(f)))
+    a.barh(y, [r["after"] for r in f], color="tab:blue", label="kept")
+    a.barh(y, [r["removed"] for r in f], left=[r["after"] for r in f], color="tab:red", alpha=0.5, label="removed")
+    for i, r in enumerate(f):
+        if r["removed"]:
+            a.text(r["before"], i, f" -{r['removed']:,}", va="center", fontsize=8)
+    a.set_yticks(y, [r["filter"] for r in f])
+    a.invert_yaxis()
+    a.set_xlabel("responses (both modes)")
+    a.legend(fontsize=8, loc="lower right")
+    a.grid(axis="x", alpha=0.3)
+    t = report["blend"]
+    labels = [f"{r['domain']} {r['mode']}" for r in t]
+    x = list(range(len(t)))
+    b.bar([i - 0.2 for i in x], [r["target"] for r in t], width=0.4, label="target", color="tab:gray")
+    b.bar([i + 0.2 for i in x], [r["chosen"] for r in t], width=0.4, label="chosen", color="tab:green")
+    b.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    b.set_yscale("symlog", linthresh=10)
+    b.set_ylabel("examples")
+    b.legend(fontsize=8)
+    b.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def on_vs_off(summary: list[dict], parent: list[dict], title: str = "stage 06: math accuracy, thinking on vs off"):
+    """Math pass@1 by difficulty: the student with thinking on and off, and the parent (thinking off)."""
+    def series(rows, mode):
+        pts = sorted((int(s["difficulty"]), s["accuracy"]) for s in rows
+                     if s["mode"] == mode and s["domain"] == "math" and s["difficulty"] != "all")
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for rows, mode, label, style in ((summary, "on", "SFT student, thinking on", "s-"),
+                                     (summary, "off", "SFT student, thinking off", "o-"),
+                                     (parent, "off", "parent (stage 00), thinking off", "x--")):
+        x, y = series(rows, mode)
+        if x:
+            ax.plot(x, y, style, label=label)
+    ax.set_xlabel("math difficulty (arithmetic steps)")
+    ax.set_ylabel("pass@1")
+    ax.set_xticks(range(1, 6))
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- figures from a run's files
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _fusion(d: Path, which: str):
+    r = _json(d / "result.json")
+    if which == "dependency":
+        return dependency(r["dependencies"], r["groups"], r["threshold"] if "threshold" in r else
+                          _json(d / "groups.json")["threshold"])
+    return before_after(r["architecture_before"], r["architecture_after"],
+                        f"{r['child']}: FFN width as % of the parent's; fused groups {r['fused_groups']}")
+
+
+def _students(d: Path):
+    mode = _json(d / "params.json")["params"]["mode"]
+    logs = {row["model"]: d / "students" / row["model"] / "train_log.csv"
+            for row in _json(d / "table.json") if row["phase"] == "after"}
+    return student_losses(logs, f"stage 04: {mode} loss per student")
+
+
+def _sft_on_off(d: Path):
+    parent = d.parent / "00_parent" / "eval_summary.json"
+    return on_vs_off(_json(d / "eval_summary.json"), _json(parent) if parent.is_file() else [])
+
+
+# figure name (its file in figures/) -> (stage, file name in the stage folder, draw(stage folder) -> figure)
+FIGURES = {
+    "00_parent_loss": ("00_parent", "loss.png",
+                       lambda d: loss_curve(d / "train_log.csv", "stage 00: parent training loss")),
+    "00_parent_accuracy": ("00_parent", "accuracy.png", lambda d: accuracy_by_difficulty(
+        _json(d / "eval_summary.json"), "stage 00: parent accuracy (pass@1)")),
+    "01_block_library_losses": ("01_block_library", "library_losses.png", lambda d: library_losses(
+        _csv(d / "losses.csv"), "stage 01: block library, loss before and after BLD")),
+    "02_frontier": ("02_architecture_search", "frontier.png", lambda d: frontier(
+        _json(d / "frontier.json"), "stage 02: Puzzle children vs naive baselines (before distillation)")),
+    "03_ffn_fusion_dependency": ("03_ffn_fusion", "dependency.png", lambda d: _fusion(d, "dependency")),
+    "03_ffn_fusion_architecture": ("03_ffn_fusion", "architecture.png", lambda d: _fusion(d, "architecture")),
+    "04_distillation_loss": ("04_distillation", "loss.png", _students),
+    "04_distillation_table": ("04_distillation", "table.png", lambda d: distillation_table(
+        _json(d / "table.json"), "stage 04: accuracy per domain, parent vs students before and after")),
+    "05_curation_funnel": ("05_reasoning_data", "curation_funnel.png",
+                           lambda d: curation_report(_json(d / "report.json"))),
+    "06_sft_loss": ("06_reasoning_sft", "loss.png",
+                    lambda d: loss_curve(d / "train_log.csv", "stage 06: SFT loss (assistant tokens)")),
+    "06_sft_on_vs_off": ("06_reasoning_sft", "on_vs_off.png", _sft_on_off),
+    "06_sft_accuracy": ("06_reasoning_sft", "accuracy.png", lambda d: accuracy_by_difficulty(
+        _json(d / "eval_summary.json"), "stage 06: SFT student, pass@1 by domain")),
+}
+
+
+def stage_figures(stage: str) -> list[str]:
+    """The names of a stage's figures.
+
+    >>> stage_figures("03_ffn_fusion")
+    ['03_ffn_fusion_dependency', '03_ffn_fusion_architecture']
+    """
+    return [name for name, (s, _, _) in FIGURES.items() if s == stage]
+
+
+def draw(run_dir: str | Path, name: str, figures_dir: str | Path = ""):
+    """Draw figure ``name`` from its stage's files in ``run_dir``; save it in the stage folder and, when
+    ``figures_dir`` is given, there too; return the figure (a notebook shows it)."""
+    if name not in FIGURES:
+        raise KeyError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    stage, file, fn = FIGURES[name]
+    d = Path(run_dir) / stage
+    fig = fn(d)
+    save(fig, d / file, Path(figures_dir) / f"{name}.png" if figures_dir else "")
+    return fig
+
+
+def redraw(run_dir: str | Path, figures_dir: str | Path = "") -> list[str]:
+    """Redraw every figure whose stage folder holds what it needs; return the names drawn."""
+    drawn = []
+    for name, (stage, _, _) in FIGURES.items():
+        if (Path(run_dir) / stage / "_COMPLETE.json").is_file():
+            plt.close(draw(run_dir, name, figures_dir))
+            drawn.append(name)
+    return drawn
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lnkit.plots", description="Redraw a run's figures from its files.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--figures", default="", help="also save them here (e.g. figures/, the README's)")
+    a = ap.parse_args(argv)
+    if not Path(a.run_dir).is_dir():
+        print(f"error: run folder {a.run_dir} does not exist", file=sys.stderr)
+        return 1
+    drawn = redraw(a.run_dir, a.figures)
+    print(f"{len(drawn)} figure(s) redrawn from {a.run_dir}: {', '.join(drawn) or 'none (no stage complete)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,49 +1,52 @@
 """Run the stage notebooks headlessly with papermill, from one YAML run file.
 
-    python -m lnkit.runs papermill_runs/tiny.yaml [--from STAGE] [--only STAGE] [--force]
+    python -m lnkit.runs papermill_runs/tiny.yaml [--from STAGE] [--until STAGE] [--only STAGE] [--force]
 
 A run file names the run, its artifact folder, parameters shared by every stage and parameters per
 stage::
 
     run: tiny                 # executed notebooks go to papermill_runs/output/tiny/
-    run_dir: runs/tiny        # artifacts go to runs/tiny/<stage>/
+    run_dir: ../runs/tiny     # artifacts go to <run_dir>/<stage>/
     shared: {seed: 0}         # given to every stage that has the field
     stages:
       00_parent: {steps: 1500}
 
-All stages' parameters are validated before anything runs. A stage whose completion marker matches its
-parameters is skipped (``--force`` reruns it), unless an earlier stage of the run completed after it did:
-then its inputs changed and it reruns. A failing stage stops the run with exit code 1 and names
-the notebook, the cell and the error; earlier stages' artifacts are left as they are.
+Relative paths in a run file (``run_dir`` and every ``*_dir`` / ``*_checkpoint`` parameter) are relative
+to the folder the run file is in, so a run means the same folders from the command line, a notebook or a
+cluster job. All stages' parameters are validated before anything runs. A stage whose completion marker
+matches its parameters is skipped (``--force`` reruns it), unless an earlier stage of the run completed
+after it did: then its inputs changed and it reruns. A failing stage stops the run with exit code 1 and
+names the notebook, the cell and the error; earlier stages' artifacts are left as they are. The run file,
+resolved, is kept as ``<run_dir>/run.yaml``, so a notebook can be pointed at the run folder itself.
+
+In a notebook, :func:`notebook_params` reads the same run file from the one parameter ``run``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import yaml
 
+from lnkit import runview
+from lnkit.checkpoints import StageNotComplete
+from lnkit.io import atomic_write_text
 from lnkit.params import ParamError, StageParams
-from lnkit.stage import MARKER, is_complete
+from lnkit.stage import MARKER, check_inputs, is_complete
+from lnkit.stages import PIPELINE
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 OUTPUT = REPO / "papermill_runs" / "output"
-# Stage name -> parameters class. The notebook is notebooks/<stage>.ipynb. Order is run order.
-STAGES = {
-    "00_parent": "lnkit.parent:ParentParams",
-    "01_block_library": "lnkit.puzzle.library_stage:LibraryParams",
-    "02_architecture_search": "lnkit.puzzle.search_stage:SearchParams",
-    "03_ffn_fusion": "lnkit.fusion_stage:FusionParams",
-    "04_distillation": "lnkit.distill_stage:DistillParams",
-    "05_reasoning_data": "lnkit.curation_stage:CurationParams",
-    "06_reasoning_sft": "lnkit.train.sft:SFTParams",
-}
+RUN_FILES = REPO / "papermill_runs"
+RUN_COPY = "run.yaml"  # the resolved run file, kept in the run folder
+COPY_HEADER = "# Written by python -m lnkit.runs from "  # its first line names the run file it came from
+# Stage name -> its module (lnkit.stages.*). The notebook is notebooks/<stage>.ipynb. Order is run order.
+STAGES = {m.NAME: m for m in PIPELINE}
 RUN_KEYS = {"run", "run_dir", "shared", "stages"}
 
 
@@ -54,12 +57,22 @@ class RunError(RuntimeError):
 def params_class(stage: str) -> type[StageParams]:
     if stage not in STAGES:
         raise RunError(f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}")
-    mod, cls = STAGES[stage].split(":")
-    return getattr(importlib.import_module(mod), cls)
+    return STAGES[stage].Params
 
 
-def load_run(path: str | Path) -> tuple[dict, dict[str, StageParams]]:
-    """Parse and validate a run file; return its header and every stage's parameters, in run order."""
+def _is_path_key(key: str) -> bool:
+    return key.endswith(("_dir", "_checkpoint"))
+
+
+def _resolve(value, base: Path):
+    """A run file's relative path made absolute against ``base`` (the run file's folder); '' stays ''."""
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def read_spec(path: str | Path) -> dict:
+    """Parse a run file and check its top level; return the mapping."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"run file {path} does not exist")
@@ -77,55 +90,161 @@ def load_run(path: str | Path) -> tuple[dict, dict[str, StageParams]]:
             raise RunError(f"run file {path}: missing required key {key!r}")
     if not isinstance(spec["stages"], dict) or not spec["stages"]:
         raise RunError(f"run file {path}: 'stages' must map stage names to parameters")
-    shared = spec.get("shared") or {}
-    run_dir = Path(spec["run_dir"])
-    run_dir = run_dir if run_dir.is_absolute() else (Path.cwd() / run_dir).resolve()
+    if not isinstance(spec.get("shared") or {}, dict):
+        raise RunError(f"run file {path}: 'shared' must map parameter names to values")
     for stage in spec["stages"]:
         params_class(stage)  # unknown stage -> RunError naming the known ones
+        if not isinstance(spec["stages"][stage] or {}, dict):
+            raise RunError(f"run file {path}: parameters of stage {stage} must be a mapping")
+    return spec
+
+
+def stage_values(spec: dict, stage: str, base: Path) -> dict:
+    """The values a run file gives one stage: the shared ones it has a field for, then its own; paths
+    resolved against ``base``; ``run_dir`` set."""
+    names = {f.name for f in fields(params_class(stage))}
+    values = {k: v for k, v in (spec.get("shared") or {}).items() if k in names}
+    values.update(spec["stages"].get(stage) or {})
+    values["run_dir"] = _resolve(str(spec["run_dir"]), base)
+    return {k: _resolve(v, base) if _is_path_key(k) else v for k, v in values.items()}
+
+
+def load_run(path: str | Path) -> tuple[dict, dict[str, StageParams]]:
+    """Parse and validate a run file; return its header and every stage's parameters, in run order."""
+    path = Path(path)
+    spec = read_spec(path)
+    base = path.resolve().parent
+    shared = spec.get("shared") or {}
     used_shared = set()
     params: dict[str, StageParams] = {}
     for stage in STAGES:
         if stage not in spec["stages"]:
             continue
-        cls = params_class(stage)
-        names = {f.name for f in fields(cls)}
-        own = spec["stages"][stage] or {}
-        if not isinstance(own, dict):
-            raise RunError(f"run file {path}: parameters of stage {stage} must be a mapping")
-        values = {k: v for k, v in shared.items() if k in names}
-        used_shared |= values.keys()
-        values.update(own)
-        values["run_dir"] = str(run_dir)
-        for k, v in values.items():  # paths in a run file are relative to where the run is started
-            if k.endswith(("_dir", "_checkpoint")) and isinstance(v, str) and v:
-                values[k] = str((Path.cwd() / v).resolve()) if not Path(v).is_absolute() else v
+        values = stage_values(spec, stage, base)
+        used_shared |= {k for k in shared if k in {f.name for f in fields(params_class(stage))}}
         try:
-            params[stage] = cls.from_dict(values)
+            params[stage] = params_class(stage).from_dict(values)
         except (ParamError, TypeError) as e:
             raise RunError(f"run file {path}: {e}") from None
     unused = set(shared) - used_shared
     if unused:
         raise RunError(f"run file {path}: shared parameter(s) {sorted(unused)} belong to no stage in this run")
+    run_dir = Path(_resolve(str(spec["run_dir"]), base))
     return {"run": str(spec["run"]), "run_dir": run_dir, "path": path}, params
 
 
-def run_stage(name: str, p: StageParams, run: str, log=print) -> Path:
-    """Execute one stage notebook with papermill; raise RunError naming notebook, cell and error."""
+def keep_run_file(head: dict, params: dict[str, StageParams]) -> Path:
+    """Write the run, resolved (absolute paths, every stage's full parameters), to ``<run_dir>/run.yaml``."""
+    spec = {"run": head["run"], "run_dir": str(head["run_dir"]),
+            "stages": {name: {k: v for k, v in p.to_dict().items() if k != "run_dir"} for name, p in params.items()}}
+    out = Path(head["run_dir"]) / RUN_COPY
+    atomic_write_text(out, f"{COPY_HEADER}{Path(head['path']).resolve()}, resolved.\n"
+                      + yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+def find_run_file(run: str | Path, cwd: Path | None = None) -> Path:
+    """The run file ``run`` names: a run name in ``papermill_runs/`` (``"tiny"``), a run file, or a run
+    folder holding the ``run.yaml`` the runner keeps. Relative paths are taken from ``cwd``."""
+    cwd = Path.cwd() if cwd is None else cwd
+    cands = [RUN_FILES / f"{run}.yaml"] if run and "/" not in str(run) and not str(run).endswith((".yaml", ".yml")) else []
+    p = Path(run) if Path(run).is_absolute() else cwd / run
+    cands += [p, p / RUN_COPY]
+    for c in cands:
+        if c.is_file():
+            return c.resolve()
+    raise RunError(f"run={str(run)!r} names no run: not a run in {RUN_FILES} ({', '.join(sorted(x.stem for x in RUN_FILES.glob('*.yaml')))}), "
+                   f"not a run file, not a run folder holding {RUN_COPY} (a run folder has one once "
+                   "python -m lnkit.runs has started it)")
+
+
+
+def _command(run_file: Path, stage: str) -> str:
+    """The command that runs the run up to ``stage`` (a kept ``run.yaml`` names the run file it came from)."""
+    first = run_file.read_text().split("\n", 1)[0]
+    if first.startswith(COPY_HEADER):
+        run_file = Path(first[len(COPY_HEADER):].rsplit(", resolved.", 1)[0])
+    shown = run_file.relative_to(REPO) if run_file.is_relative_to(REPO) else run_file
+    return f"python -m lnkit.runs {shown} --until {stage}"
+
+
+class NotebookInputMissing(StageNotComplete):
+    """Raised in a notebook's first code cell; shown as its message alone, without a traceback."""
+
+    def _render_traceback_(self):  # IPython shows these lines instead of the traceback
+        return [f"\x1b[31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+def notebook_params(module, ns: dict) -> StageParams:
+    """A stage notebook's parameters: those the run named by ``ns["run"]`` gives the stage, with every
+    value of the parameters cell that differs from the stage's default on top; validated, and the
+    earlier stages it reads checked complete. Writes nothing: a notebook opened before its inputs exist
+    stops here with the command that makes them."""
+    cls = module.Params
+    try:
+        run_file = find_run_file(ns.get("run", "tiny"))
+    except RunError as e:
+        raise ParamError(f"stage {cls.STAGE}: {e}") from None
+    spec = read_spec(run_file)
+    values = stage_values(spec, cls.STAGE, run_file.parent) if cls.STAGE in spec["stages"] else \
+        stage_values({**spec, "stages": {**spec["stages"], cls.STAGE: {}}}, cls.STAGE, run_file.parent)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.name in ns and ns[f.name] != default:  # changed in the cell (or injected by papermill)
+            values[f.name] = ns[f.name]
+    p = cls.from_dict(values)
+    try:
+        check_inputs(p, module.needs(p), "")
+    except StageNotComplete as e:
+        missing = str(e).split("reads stage ")[1].split(",")[0]
+        raise NotebookInputMissing(f"stage {cls.STAGE} reads stage {missing}, which has not completed in "
+                                   f"{p.run_dir}. Run it first: {_command(run_file, missing)}") from None
+    return p
+
+
+def headline(stage: str, metrics: dict) -> str:
+    """The runner table's line for a stage: its module's ``headline(metrics)``."""
+    return STAGES[stage].headline(metrics) if stage in STAGES else ""
+
+
+def notebook_parameters(p: StageParams, run_file: str | Path = "") -> dict:
+    """What papermill injects: ``run`` (the run file) and the stage's values, less the two the run file
+    carries and the parameters cell does not have (``run_dir``, ``figures_dir``)."""
+    values = {k: v for k, v in p.to_dict().items() if k not in ("run_dir", "figures_dir")}
+    return {"run": str(run_file), **values} if run_file else p.to_dict()
+
+
+def run_stage(name: str, p: StageParams, run: str, log=print, run_file: str | Path = "") -> Path:
+    """Execute one stage notebook with papermill, showing its cells and progress bars as it runs
+    (:class:`lnkit.runview.StageView`) and recording its outcome in ``runview.LEDGER``; raise RunError
+    naming notebook, cell and error."""
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     src = NOTEBOOKS / f"{name}.ipynb"
     out = OUTPUT / run / f"{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"[{name}] executing {src.relative_to(REPO)} -> {out.relative_to(REPO)}")
-    t0 = time.perf_counter()
+    t0, status = time.perf_counter(), "failed"
+    view = runview.StageView(name).open()  # the kernel's environment and config, until view.close()
     try:
-        pm.execute_notebook(str(src), str(out), parameters=p.to_dict(), cwd=str(NOTEBOOKS),
-                            kernel_name="python3", progress_bar=False, log_output=False)
+        pm.execute_notebook(str(src), str(out), parameters=notebook_parameters(p, run_file), cwd=str(NOTEBOOKS),
+                            kernel_name="python3", progress_bar=False, log_output=False, **view.papermill_kwargs())
+        if not is_complete(p):
+            raise RunError(f"stage {name}: notebook {out} finished but did not mark the stage complete")
+        status = "done"
     except pm.PapermillExecutionError as e:
         raise RunError(f"stage {name} failed in notebook {out}, cell {e.cell_index} "
                        f"(execution count {e.exec_count}): {e.ename}: {e.evalue}") from None
-    if not is_complete(p):
-        raise RunError(f"stage {name}: notebook {out} finished but did not mark the stage complete")
+    except DeadKernelError as e:
+        raise RunError(f"stage {name}: the kernel died running notebook {out} ({e}); "
+                       "was it killed for lack of memory?") from None
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        view.close(keep=status != "done")
+        runview.LEDGER.record(name, status, time.perf_counter() - t0)
     log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -134,20 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lnkit.runs", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_file")
     ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be done)")
+    ap.add_argument("--until", metavar="STAGE", help="stop after this stage (with --from: a range)")
     ap.add_argument("--only", metavar="STAGE", help="run only this stage")
     ap.add_argument("--force", action="store_true", help="rerun stages even if complete with these parameters")
     a = ap.parse_args(argv)
     try:
         head, params = load_run(a.run_file)
         names = list(params)
-        for flag in (a.start, a.only):
+        for flag in (a.start, a.until, a.only):
             if flag is not None and flag not in params:
                 raise RunError(f"stage {flag!r} is not in run file {a.run_file}; it has: {', '.join(names)}")
         if a.only:
             names = [a.only]
-        elif a.start:
-            names = names[names.index(a.start):]
+        else:
+            names = names[names.index(a.start) if a.start else 0: names.index(a.until) + 1 if a.until else None]
+            if not names:
+                raise RunError(f"--from {a.start} comes after --until {a.until}: no stage to run")
         print(f"run {head['run']}: artifacts in {head['run_dir']}, stages {', '.join(names)}")
+        keep_run_file(head, params)
         order = list(params)
         for name in names:
             if is_complete(params[name]) and not a.force:
@@ -156,10 +279,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{name}] complete with these parameters; skipped (--force reruns it)")
                     continue
                 print(f"[{name}] complete, but {newer} finished after it: rerunning")
-            run_stage(name, params[name], head["run"])
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            run_stage(name, params[name], head["run"], run_file=Path(head["run_dir"]) / RUN_COPY)
+        runview.print_summary(names, head["run_dir"], headline)
+    except BaseException as e:  # a failed stage, Ctrl-C, or a bug
+        if runview.LEDGER:  # a stage ran, so the run file loaded: show how far the run got
+            runview.print_summary(names, head["run_dir"], headline)
+        if isinstance(e, RunError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
     return 0
 
 

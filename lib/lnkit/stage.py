@@ -1,9 +1,10 @@
-"""A stage's folder: start it, finish it, and tell whether it is already done.
+"""A stage's life in its folder: start it, finish it, and tell whether it is already done.
 
 ``<run_dir>/<stage>/`` holds the stage's artifacts, ``params.json`` (the parameters used),
 ``metrics.json`` and, written last, ``_COMPLETE.json`` with the parameters' digest. The runner skips a
 stage whose marker matches its parameters; starting a stage removes a stale marker and any half-written
-leftovers of a crashed attempt, so a rerun never loads or keeps them.
+leftovers of a crashed attempt, so a rerun never loads or keeps them. Which folder a stage name means is
+:mod:`lnkit.checkpoints`'s business.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import json
 import time
 from pathlib import Path
 
+from lnkit.checkpoints import MARKER, StageNotComplete, stage_dir
 from lnkit.io import atomic_write_json, clean_partial
 from lnkit.params import StageParams
+from lnkit.progress import show_library_bars
 
-MARKER = "_COMPLETE.json"
+__all__ = ["MARKER", "stage_path", "is_complete", "start", "finish", "check_inputs"]
 
 
 def stage_path(p: StageParams) -> Path:
-    return Path(p.run_dir) / p.STAGE
+    return stage_dir(p.run_dir, p.STAGE)
 
 
 def is_complete(p: StageParams) -> bool:
@@ -30,8 +33,20 @@ def is_complete(p: StageParams) -> bool:
         return False
 
 
+def check_inputs(p: StageParams, needs: list[str], command: str = "") -> None:
+    """Raise :class:`~lnkit.checkpoints.StageNotComplete` naming the first of the earlier stages ``needs``
+    that has not completed in ``p.run_dir``, and the command that runs it; write nothing."""
+    for need in needs:
+        if not (stage_dir(p.run_dir, need) / MARKER).is_file():
+            how = command or f"python -m lnkit.runs <run file> --until {need}"
+            raise StageNotComplete(f"stage {p.STAGE} reads stage {need}, which has not completed in {p.run_dir}. "
+                                   f"Run it first: {how}")
+
+
 def start(p: StageParams) -> Path:
-    """Prepare the stage folder for a (re)run and record the parameters; returns the folder."""
+    """Prepare the stage folder for a (re)run and record the parameters; returns the folder. Library
+    progress bars follow ``p.progress`` from here on."""
+    show_library_bars(p.progress)
     d = stage_path(p)
     d.mkdir(parents=True, exist_ok=True)
     (d / MARKER).unlink(missing_ok=True)
@@ -45,13 +60,4 @@ def finish(p: StageParams, metrics: dict) -> Path:
     d = stage_path(p)
     atomic_write_json(d / "metrics.json", metrics)
     atomic_write_json(d / MARKER, {"stage": p.STAGE, "digest": p.digest(), "finished": time.strftime("%F %T")})
-    return d
-
-
-def require(run_dir: str | Path, stage: str) -> Path:
-    """The folder of an earlier stage, which must be complete."""
-    d = Path(run_dir) / stage
-    if not (d / MARKER).exists():
-        raise FileNotFoundError(f"stage {stage} has not completed in {run_dir}: run it first "
-                                f"(python -m lnkit.runs <run file> --only {stage})")
     return d

@@ -12,7 +12,7 @@ training example a line, with the fields
   ``generator`` (the model that wrote ``output``), ``used_in_training``, ``version``.
 
 Stage 05 writes its blend this way and stage 06 reads it back through :func:`load_rows` and
-:func:`encode_row`, so the same code trains on a downloaded release file. A single-turn row gives exactly
+:func:`lnkit.train.batches.encode_row`, so the same code trains on a downloaded release file. A single-turn row gives exactly
 the token ids and labels :func:`lnkit.train.batches.encode_item` gives the item it came from.
 
 Bad rows: a line that is not JSON, or a row with a missing or mistyped field, an empty conversation, a
@@ -43,7 +43,7 @@ from lnkit.data.chat import (
     format_response,
     render_prompt,
 )
-from lnkit.train.batches import IGNORE, encode_chat
+from lnkit.io import atomic_write_text
 
 FIELDS = ("input", "output", "reasoning", "system_prompt", "category", "license", "generator",
           "used_in_training", "version")
@@ -75,8 +75,6 @@ def item_row(item, mode: str, generator: str = "reference-solver") -> dict:
 
 def write_rows(rows: list[dict], path: str | Path) -> None:
     """JSON lines, written atomically."""
-    from lnkit.io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
@@ -171,17 +169,6 @@ def render_conversation(messages: list[dict], mode: str | None) -> str:
     system = "" if mode is None else f"{HDR_START}system{HDR_END}\n\n{MODES[mode]}{EOT}"
     turns = "".join(f"{HDR_START}{m['role']}{HDR_END}\n\n{m['content']}{EOT}" for m in messages)
     return f"{BOS}{system}{turns}{HDR_START}assistant{HDR_END}\n\n"
-
-
-def encode_row(tok, row: dict) -> tuple[list[int], list[int]]:
-    """Token ids and labels of a row: loss on the output only (earlier assistant turns are context)."""
-    mode = row_mode(row)
-    msgs = row["input"]
-    if len(msgs) == 1:
-        return encode_chat(tok, msgs[0]["content"], row["output"], mode)
-    p = tok(render_conversation(msgs, mode), add_special_tokens=False)["input_ids"]
-    r = tok(row["output"] + EOT, add_special_tokens=False)["input_ids"]
-    return p + r, [IGNORE] * len(p) + r
 
 
 def output_format_ok(row: dict) -> bool:

@@ -14,8 +14,13 @@ import json
 import random
 from pathlib import Path
 
+from lnkit.checkpoints import stage_dir
 from lnkit.data.tasks import DOMAINS, MAX_DIFFICULTY, Item, make_item
 from lnkit.data.world import World
+from lnkit.io import atomic_write_text
+
+# The stage that draws the world and its splits; every later stage reads them from its folder.
+WORLD_STAGE = "00_parent"
 
 SPLITS = {"train": (0.0, 0.75), "val": (0.75, 0.85), "test": (0.85, 1.0)}
 
@@ -114,8 +119,6 @@ def decontamination_report(train: list[Item], test: list[Item], n: int = 8, thre
 
 
 def save_items(items: list[Item], path: str | Path) -> None:
-    from lnkit.io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(it.to_dict()) + "\n" for it in items))
 
 
@@ -130,3 +133,28 @@ def load_items(path: str | Path) -> list[Item]:
         except (json.JSONDecodeError, ValueError) as e:
             raise ValueError(f"{path}, line {i}: {e}") from None
     return out
+
+
+def load_split(run_dir: str | Path, split: str) -> list[Item]:
+    """A split (``train``, ``val`` or ``test``) of a run's world, as stage 00 wrote it."""
+    return load_items(stage_dir(run_dir, WORLD_STAGE) / "data" / f"{split}.jsonl")
+
+
+def load_world(run_dir: str | Path) -> World:
+    """A run's fact base, as stage 00 wrote it."""
+    w = json.loads((stage_dir(run_dir, WORLD_STAGE) / "data" / "world.json").read_text())
+    return World(kinds=w["kinds"], creatures=w["creatures"])
+
+
+def first_per_domain(items: list[Item], n: int) -> list[Item]:
+    """The first ``n`` items of each domain, in domain order (``n == 0``: all items): the evaluation
+    subsets of stages 02-06, the same items in each so their figures compare.
+
+    >>> from lnkit.data.world import make_world
+    >>> items = make_split(make_world(0), "test", {d: 3 for d in DOMAINS})
+    >>> [it.domain for it in first_per_domain(items, 1)]
+    ['math', 'science', 'code', 'instruct', 'chat']
+    """
+    if not n:
+        return list(items)
+    return [it for d in DOMAINS for it in [i for i in items if i.domain == d][:n]]

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lnkit.data.chat import BOS, CHAT_TEMPLATE, EOS_TEXT, EOT, PAD, SPECIAL_TOKENS
+from lnkit.io import atomic_dir
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -47,7 +48,5 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedToken
 
 
 def save_tokenizer(tok: PreTrainedTokenizerFast, path: str | Path) -> None:
-    from lnkit.io import atomic_dir
-
     with atomic_dir(path) as tmp:
         tok.save_pretrained(tmp)

@@ -37,13 +37,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from lnkit.blocks import AttentionConfig, BlockConfig, FFNConfig
 from lnkit.io import CheckpointError, atomic_dir, atomic_path, atomic_write_json, verify_checkpoint
 from lnkit.model.config import NemotronNasConfig
 from lnkit.model.convert import from_llama
 from lnkit.model.modeling import NemotronNasDecoderLayer, NemotronNasForCausalLM
+from lnkit.progress import progress_bar
 from lnkit.puzzle.space import (
     COUPLED,
     PARENT_NAMES,
@@ -368,7 +368,7 @@ def build_library(parent, batches, space: SearchSpace | None = None, *, layers=N
             cal.inputs[(i, COUPLED)] = cal.inputs[(i, "attention")]
             cal.targets[(i, COUPLED)] = [a + f for a, f in zip(cal.targets[(i, "attention")], cal.targets[(i, "ffn")])]
     entries = {}
-    for k, cand in enumerate(tqdm(cands, desc="block library", disable=not progress)):
+    for k, cand in enumerate(progress_bar(cands, desc="block library", disable=not progress)):
         torch.manual_seed(seed + k)
         module = init_candidate(cand, nas, cal)
         key = (cand.layer, cand.slot)

@@ -26,7 +26,10 @@ through batch size and sequence length; here any such bound is just another addi
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -393,9 +396,30 @@ def _jointly_infeasible(bounds: list[_Bound]) -> InfeasibleBudget:
 # Model and solve
 
 
+@functools.cache
+def _silence_highs_banner() -> None:
+    """HiGHS prints a copyright banner to the process's stdout (fd 1, past Python's ``sys.stdout``) when
+    its first ``Highs`` object is built, whatever ``msg`` says; build that first one with fd 1 pointed at
+    /dev/null, so ``msg=False`` (and ``progress=False`` above it) means a silent solve."""
+    try:
+        import highspy  # optional: only when HiGHS is installed
+    except ImportError:
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _pick_solver(solver: str) -> str:
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    _silence_highs_banner()
     highs_ok = pulp.HiGHS(msg=False).available()
     if solver == "auto":
         solver = "highs" if highs_ok else "cbc"

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lnkit.model.modeling import NemotronNasDecoderLayer
+from lnkit.progress import progress_bar
 from lnkit.puzzle.library import Library, as_nas, residual_stream, sub_block_delta
 from lnkit.puzzle.space import COUPLED
 
@@ -233,7 +233,7 @@ def score_candidates(parent, library: Library, batches, metrics=METRICS, progres
     passed = parent_pass(nas, batches)
     parent_loss = _parent_lm_loss(passed, batches, positions)
     rows = []
-    for entry in tqdm(list(library.entries.values()), desc="replace-1-block scores", disable=not progress):
+    for entry in progress_bar(list(library.entries.values()), desc="replace-1-block scores", disable=not progress):
         c = entry.candidate
         module = candidate_module(entry, nas)
         tot = _Totals()

@@ -17,6 +17,7 @@ import random
 import torch
 
 from lnkit.data.chat import BOS, EOS_TEXT, EOT, format_response, render_prompt
+from lnkit.data.released import render_conversation, row_mode
 
 IGNORE = -100
 
@@ -121,3 +122,15 @@ class PackedBatcher:
 
     def tokens_per_epoch(self) -> int:
         return sum(len(ids) for ids, _ in self.examples)
+
+
+def encode_row(tok, row: dict) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a row of the released post-training schema (:mod:`lnkit.data.released`):
+    loss on the output only (earlier assistant turns are context)."""
+    mode = row_mode(row)
+    msgs = row["input"]
+    if len(msgs) == 1:
+        return encode_chat(tok, msgs[0]["content"], row["output"], mode)
+    p = tok(render_conversation(msgs, mode), add_special_tokens=False)["input_ids"]
+    r = tok(row["output"] + EOT, add_special_tokens=False)["input_ids"]
+    return p + r, [IGNORE] * len(p) + r

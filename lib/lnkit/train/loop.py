@@ -33,9 +33,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lnkit.io import CheckpointError, atomic_dir, atomic_path, verify_checkpoint
+from lnkit.progress import progress_bar
 
 STATE_DIR = "train_state"
 LOG_FILE = "train_log.csv"
@@ -250,7 +250,7 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
     rows = _read_log(out_dir, start)
     model.train()
     t0 = time.perf_counter() - (float(rows[-1]["elapsed_s"]) if rows else 0.0)
-    bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, initial=start)
+    bar = progress_bar(total=cfg.steps, desc=desc, disable=not progress, initial=start)
     step = start
     while step < cfg.steps:
         lr = lr_at(step, cfg) * guard["lr_scale"]

@@ -15,21 +15,36 @@ dominates a tiny model's decode step, which is why the default prices blocks by 
 
 from __future__ import annotations
 
-import statistics
-import time
+import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
+import matplotlib.pyplot as plt
+import pandas as pd
 
+from lnkit import plots, stage
+from lnkit.checkpoints import load_model, require, save_model, stage_dir
+from lnkit.data.splits import first_per_domain, load_split
+from lnkit.deploy import GPUS
+from lnkit.eval import evaluate, summarize
+from lnkit.generate import decode_throughput
+from lnkit.io import atomic_write_json
 from lnkit.params import ParamError, RunParams, param
+from lnkit.progress import progress_bar
+from lnkit.puzzle.calibration import token_batches
+from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
+from lnkit.puzzle.library import assemble, load_library
+from lnkit.puzzle.mip import InfeasibleBudget, solve, solve_diverse
+from lnkit.puzzle.scoring import score_candidates
+from lnkit.puzzle.space import PARENT_NAMES, split_name
+
+NAME = "02_architecture_search"
 
 
 @dataclass
-class SearchParams(RunParams):
+class Params(RunParams):
     """Stage 02 parameters (fields match ``notebooks/02_architecture_search.ipynb``'s parameters cell)."""
 
-    STAGE = "02_architecture_search"
+    STAGE = NAME
     threads: int = param(1, "torch CPU threads for scoring and timing; 1 is the least noisy on 2 cores", lo=0, hi=256)
     score: str = param("kl", "replace-1-block score the MIP minimises", choices=["kl", "lm_loss", "cosine"])
     score_tokens: str = param("all", "positions the score counts: all, or those predicting an assistant token",
@@ -54,39 +69,59 @@ class SearchParams(RunParams):
     timing_repeats: int = param(5, "repeats for throughput (median)", lo=1)
 
     def check(self):
-        from lnkit.deploy import GPUS
-
         if self.cost_source == "analytic" and self.gpu not in GPUS:
             raise ParamError(f"stage {self.STAGE}: gpu={self.gpu!r} is not in the catalogue; known: {sorted(GPUS)}")
 
 
-def stage_dir(p: SearchParams) -> Path:
-    return Path(p.run_dir) / "02_architecture_search"
+def needs(p: Params) -> list[str]:
+    """The earlier stages this stage reads."""
+    return ["00_parent", "01_block_library"]
 
 
-@torch.no_grad()
-def decode_throughput(model, batch_size: int, prompt_len: int, steps: int, repeats: int = 5) -> float:
-    """Generated tokens per second of KV-cache decoding (median over repeats), after a prefill."""
-    from transformers import DynamicCache
+def run(p: Params) -> dict:
+    """The whole stage. Writes ``scores.csv``, ``costs.csv``, ``frontier.{csv,json}`` (every child with its
+    architecture) and ``best_2x.json`` (the child stage 03 fuses by default); returns what
+    :func:`run_search` returns plus ``"metrics"``."""
+    stage.check_inputs(p, needs(p))
+    out = stage.start(p)
+    result = run_search(p)
+    atomic_write_json(out / "frontier.json", result["frontier"])
+    best = best_2x(result["frontier"])
+    atomic_write_json(out / "best_2x.json", best)
+    result["metrics"] = {
+        "parent_tokens_per_s": result["parent"]["tokens_per_s"],
+        "parent_accuracy": result["parent"]["accuracy"],
+        "children": [{k: v for k, v in r.items() if k not in ("architecture", "status")} for r in result["frontier"]],
+        "best_2x": best,
+    }
+    return result
 
-    from lnkit.generate import _cache_kwarg
 
-    model.eval()
-    dev = next(model.parameters()).device
-    ids = torch.randint(3, model.config.vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    kw = _cache_kwarg(model)
-    times = []
-    for _ in range(repeats + 1):
-        cache = DynamicCache()
-        out = model(input_ids=ids, use_cache=True, **{kw: cache})
-        nxt = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for s in range(steps):
-            pos = torch.full((batch_size, 1), prompt_len + s, device=dev)
-            out = model(input_ids=nxt, position_ids=pos, use_cache=True, **{kw: cache})
-            nxt = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - t0)
-    return batch_size * steps / statistics.median(times[1:])
+def best_2x(frontier: list[dict]) -> dict | None:
+    """The most accurate Puzzle child at >= 2x the parent's measured decode throughput, or None.
+
+    >>> best_2x([{"kind": "puzzle", "label": "a", "speedup": 2.1, "accuracy": 0.5, "accuracy_kept": 0.8},
+    ...          {"kind": "puzzle", "label": "b", "speedup": 1.5, "accuracy": 0.7, "accuracy_kept": 1.0}])
+    {'label': 'a', 'speedup': 2.1, 'accuracy': 0.5, 'accuracy_kept': 0.8}
+    """
+    ok = [r for r in frontier if r["kind"] in ("puzzle", "puzzle_alt") and r.get("speedup", 0) >= 2.0]
+    best = max(ok, key=lambda r: r["accuracy"]) if ok else None
+    return None if best is None else {k: best[k] for k in ("label", "speedup", "accuracy", "accuracy_kept")}
+
+
+def headline(metrics: dict) -> str:
+    """One line for the runner's table.
+
+    >>> headline({"best_2x": {"label": "budget 0.40", "speedup": 2.08, "accuracy_kept": 0.64}, "children": []})
+    "best >= 2x child: budget 0.40, 2.08x at 64% of the parent's accuracy"
+    >>> headline({"best_2x": None, "children": [{"kind": "puzzle", "speedup": 1.5}]})
+    'no child reached 2x (fastest Puzzle child 1.50x)'
+    """
+    b = metrics["best_2x"]
+    if b:
+        return f"best >= 2x child: {b['label']}, {b['speedup']:.2f}x at {b['accuracy_kept']:.0%} of the parent's accuracy"
+    fastest = max((r.get("speedup", 0) for r in metrics["children"] if r["kind"] == "puzzle"), default=0)
+    return f"no child reached 2x (fastest Puzzle child {fastest:.2f}x)"
 
 
 def baseline_choices(num_layers: int, names: dict) -> dict[str, dict]:
@@ -108,16 +143,12 @@ def couple_choice(choice: dict, num_layers: int) -> dict:
     >>> couple_choice({(1, "ffn"): "ffn_50"}, 2)
     {(0, 'block'): 'attn_parent+ffn_100', (1, 'block'): 'attn_parent+ffn_50'}
     """
-    from lnkit.puzzle.space import PARENT_NAMES
-
     return {(i, "block"): "+".join(choice.get((i, s), PARENT_NAMES[s]) for s in ("attention", "ffn"))
             for i in range(num_layers)}
 
 
 def describe(choice: dict, num_layers: int) -> list[dict]:
     """Per-layer architecture rows, for tables and the heatmap (a coupled choice is split into its parts)."""
-    from lnkit.puzzle.space import split_name
-
     flat = {}
     for (i, slot), name in choice.items():
         flat.update({(i, s): n for s, n in split_name(slot, name).items()})
@@ -125,28 +156,16 @@ def describe(choice: dict, num_layers: int) -> list[dict]:
              "ffn": flat.get((i, "ffn"), "ffn_100")} for i in range(num_layers)]
 
 
-def run_search(p: SearchParams) -> dict:
-    """The whole stage; returns {"scores", "costs", "frontier", "parent"} and writes them as CSV."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from lnkit.eval import evaluate, summarize
-    from lnkit.parent import load_data, load_model, save_model
-    from lnkit.puzzle.calibration import token_batches
-    from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
-    from lnkit.puzzle.library import assemble, load_library
-    from lnkit.puzzle.mip import InfeasibleBudget, solve_diverse
-    from lnkit.puzzle.scoring import score_candidates
-    from lnkit.puzzle.space import PARENT_NAMES, split_name
-    from lnkit.stage import require
-
+def run_search(p: Params) -> dict:
+    """Score, price, solve, assemble and measure; returns {"scores", "costs", "frontier", "parent", ...} and
+    writes them as CSV."""
     parent_dir = require(p.run_dir, "00_parent")
     lib_dir = require(p.run_dir, "01_block_library")
-    out = stage_dir(p)
+    out = stage_dir(p.run_dir, NAME)
     parent, tok = load_model(parent_dir / "model", p.setup_torch())
     library = load_library(lib_dir / "library")
     held_out = dict(rows=p.score_rows, row_len=p.score_len, batch_size=8, seed=p.seed + 1)
-    val = load_data(p.run_dir, "val")
+    val = load_split(p.run_dir, "val")
     batches, positions = token_batches(tok, val, **held_out, positions=True)
     positions = positions if p.score_tokens == "assistant" else None
     dev = next(parent.parameters()).device
@@ -168,8 +187,7 @@ def run_search(p: SearchParams) -> dict:
     fixed_budgets = {key: frac * parent_cost[key] for key, frac in
                      (("memory_bytes", p.memory_budget), ("params", p.param_budget)) if frac > 0}
 
-    test = [it for d in ("math", "science", "code", "instruct", "chat")
-            for it in [i for i in load_data(p.run_dir, "test") if i.domain == d][: p.eval_n]]
+    test = first_per_domain(load_split(p.run_dir, "test"), p.eval_n)
     n_layers = parent.config.num_hidden_layers
 
     def measure(model) -> dict:
@@ -198,7 +216,7 @@ def run_search(p: SearchParams) -> dict:
             save_model(child, tok, out / "children" / row["label"].replace(" ", "_").replace("#", "alt"))
         frontier.append(row)
 
-    for kind, label, budget, choice in tqdm(jobs, desc="children", disable=not p.progress):
+    for kind, label, budget, choice in progress_bar(jobs, desc="children", disable=not p.progress):
         row = {"kind": kind, "label": label, "budget": budget, "status": "", "solve_time_s": 0.0}
         if kind == "baseline":
             if slots == ["block"]:
@@ -219,20 +237,18 @@ def run_search(p: SearchParams) -> dict:
             add_child(alt, {k: c.name for k, c in sol.choice.items()}, save=True)
     for r in frontier:
         r["speedup"] = r.get("tokens_per_s", float("nan")) / parent_row["tokens_per_s"]
-        r["accuracy_kept"] = (r.get("accuracy", float("nan")) / parent_row["accuracy"]
-                              if parent_row["accuracy"] > 0 else float("nan"))  # an untrained smoke parent
+        r["accuracy_kept"] = (r.get("accuracy", math.nan) / parent_row["accuracy"]
+                              if parent_row["accuracy"] > 0 else math.nan)  # an untrained smoke parent
     flat = [{k: v for k, v in r.items() if k != "architecture"} for r in frontier]
     pd.DataFrame(flat).to_csv(out / "frontier.csv", index=False)
     return {"scores": scores, "costs": costs, "frontier": frontier, "parent": parent_row, "candidates": cands,
             "parent_cost": {"decode_s": parent_time, **parent_cost}, "fixed_budgets": fixed_budgets}
 
 
-def solve_at(result: dict, budget: float, p: SearchParams) -> dict:
+def solve_at(result: dict, budget: float, p: Params) -> dict:
     """The MIP's child at a decode-time ``budget`` (fraction of the parent's) under the stage's other budgets,
     without assembling it: its architecture and priced costs as fractions of the parent's. For the explorer
     (milliseconds per solve); raises :class:`~lnkit.puzzle.mip.InfeasibleBudget` like the sweep."""
-    from lnkit.puzzle.mip import solve
-
     pc = result["parent_cost"]
     sol = solve(result["candidates"], budgets={"decode_s": budget * pc["decode_s"], **result["fixed_budgets"]},
                 solver=p.solver, max_attention_layers=None if p.max_attention_layers < 0 else p.max_attention_layers)
@@ -242,19 +258,15 @@ def solve_at(result: dict, budget: float, p: SearchParams) -> dict:
             **{f"{k}_fraction": sol.costs[k] / pc[k] for k in pc if pc[k] > 0}}
 
 
-def explore_budget(result: dict, budget: float, p: SearchParams):
+def explore_budget(result: dict, budget: float, p: Params):
     """For the explorer's slider: ``(figure or None, text)``: the MIP's child at ``budget`` as a per-layer
     heatmap, its priced costs, and its measured speed and accuracy when the sweep assembled that budget."""
-    import matplotlib.pyplot as plt
-
-    from lnkit.puzzle.mip import InfeasibleBudget
-
     try:
         s = solve_at(result, budget, p)
     except InfeasibleBudget as e:
         return None, str(e)
     fig, ax = plt.subplots(figsize=(7, 1.8))
-    plot_architecture(s["architecture"], ax, f"budget {budget:.2f}: summed {p.score} {s['objective']:.3f}")
+    plots.architecture(s["architecture"], ax, f"budget {budget:.2f}: summed {p.score} {s['objective']:.3f}")
     lines = [f"priced decode time {s['decode_s_fraction']:.0%}, memory {s['memory_bytes_fraction']:.0%}, "
              f"parameters {s['params_fraction']:.0%} of the parent's; MIP {s['status']} in {s['solve_time_s'] * 1e3:.0f} ms"]
     measured = {r["budget"]: r for r in result["frontier"] if r["kind"] == "puzzle" and "accuracy" in r}
@@ -262,53 +274,3 @@ def explore_budget(result: dict, budget: float, p: SearchParams):
     lines.append(f"measured: {r['speedup']:.2f}x decode throughput, {r['accuracy_kept']:.0%} of the parent's accuracy"
                  if r else "not assembled in the sweep (budgets: " + ", ".join(f"{b:.2f}" for b in sorted(measured)) + ")")
     return fig, "\n".join(lines)
-
-
-def plot_frontier(frontier: list[dict], title: str = "Puzzle frontier"):
-    """Accuracy against measured decode throughput: Puzzle's children, the baselines, the parent."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    pz = sorted((r for r in frontier if r["kind"] == "puzzle" and "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
-    ax.plot([r["tokens_per_s"] for r in pz], [r["accuracy"] for r in pz], "o-", label="Puzzle (MIP)")
-    alt = [r for r in frontier if r["kind"] == "puzzle_alt" and "tokens_per_s" in r]
-    if alt:
-        ax.scatter([r["tokens_per_s"] for r in alt], [r["accuracy"] for r in alt], facecolors="none",
-                   edgecolors="C0", label="Puzzle, next-best distinct solutions")
-    for prefix, marker in (("uniform", "s"), ("no attention", "^")):
-        rows = [r for r in frontier if r["kind"] == "baseline" and r["label"].startswith(prefix) and "tokens_per_s" in r]
-        ax.scatter([r["tokens_per_s"] for r in rows], [r["accuracy"] for r in rows], marker=marker,
-                   label=f"baseline: {prefix} {'FFN shrink' if prefix == 'uniform' else 'in last layers'}")
-    par = next(r for r in frontier if r["kind"] == "parent")
-    ax.scatter([par["tokens_per_s"]], [par["accuracy"]], marker="*", s=200, c="k", label="parent", zorder=5)
-    ax.axvline(2 * par["tokens_per_s"], ls=":", c="grey", lw=1)
-    ax.axhline(0.9 * par["accuracy"], ls=":", c="grey", lw=1)
-    ax.set_xlabel("measured decode throughput (tokens/s, this CPU)")
-    ax.set_ylabel("test accuracy (pass@1, thinking off)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_architecture(architecture: list[dict], ax=None, title: str = ""):
-    """A two-row heatmap: attention kind and FFN width per layer."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    att = {"attn_parent": 1.0, "attn_kv2": 0.5, "attn_kv4": 0.25, "attn_linear": 0.1, "attn_noop": 0.0}
-    val = [[att.get(r["attention"], 0.5) for r in architecture],
-           [0.0 if r["ffn"] == "ffn_noop" else 0.05 if r["ffn"] == "ffn_linear" else int(r["ffn"].split("_")[1]) / 100
-            for r in architecture]]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(0.5 * len(architecture) + 2, 1.6))
-    ax.imshow(np.array(val), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    for j, r in enumerate(architecture):
-        ax.text(j, 0, r["attention"].replace("attn_", ""), ha="center", va="center", fontsize=7, color="w")
-        ax.text(j, 1, r["ffn"].replace("ffn_", ""), ha="center", va="center", fontsize=7, color="w")
-    ax.set_yticks([0, 1], ["attention", "FFN"])
-    ax.set_xticks(range(len(architecture)))
-    ax.set_xlabel("layer")
-    ax.set_title(title, fontsize=9)
-    return ax

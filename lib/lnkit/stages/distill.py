@@ -23,16 +23,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from lnkit.io import atomic_write_json
+from lnkit import stage
+from lnkit.checkpoints import load_model, names_stage, require, save_model, stage_dir
+from lnkit.data.splits import first_per_domain, load_split
+from lnkit.data.tasks import DOMAINS
+from lnkit.eval import evaluate, save_results, summarize
+from lnkit.generate import decode_throughput
+from lnkit.io import CheckpointError, atomic_write_json, folder_digest
 from lnkit.params import ParamError, RunParams, param
+from lnkit.puzzle.library import as_nas
+from lnkit.train.batches import PackedBatcher
+from lnkit.train.distill import check_pair, make_loss_fn
+from lnkit.train.loop import STATE_DIR, LoopConfig, train_loop
+from lnkit.train.mix import parent_mix
 
-STAGE = "04_distillation"
-DOMAINS = ("math", "science", "code", "instruct", "chat")
+NAME = STAGE = "04_distillation"
 UNFUSED = "unfused"
 # Fields that change what a student learns; the others (evaluation, timing, paths) do not restart training.
 TRAIN_FIELDS = ("seed", "mode", "cpt_fraction", "steps", "tokens", "rows", "row_len", "accum", "lr", "warmup", "min_lr_ratio",
@@ -40,7 +52,7 @@ TRAIN_FIELDS = ("seed", "mode", "cpt_fraction", "steps", "tokens", "rows", "row_
 
 
 @dataclass
-class DistillParams(RunParams):
+class Params(RunParams):
     """Stage 04 parameters (fields match ``notebooks/04_distillation.ipynb``'s parameters cell)."""
 
     STAGE = STAGE
@@ -89,7 +101,7 @@ class DistillParams(RunParams):
     def total_steps(self) -> int:
         """Optimizer steps per student: ``steps``, or the token budget over tokens per step (rounded up).
 
-        >>> DistillParams(tokens=10_000, rows=2, row_len=100, accum=2).total_steps()
+        >>> Params(tokens=10_000, rows=2, row_len=100, accum=2).total_steps()
         25
         """
         if self.tokens:
@@ -111,14 +123,44 @@ def student_name(entry: str) -> str:
     return Path(entry.strip().rstrip("/")).name
 
 
-def stage_dir(p: DistillParams) -> Path:
-    return Path(p.run_dir) / STAGE
+def needs(p: Params) -> list[str]:
+    """The earlier stages this stage reads: the parent, and the stages its students name."""
+    out = ["00_parent"]
+    for entry in p.students:
+        first = "03_ffn_fusion" if entry == UNFUSED else Path(entry.strip()).parts[0]
+        if re.fullmatch(r"\d\d_\w+", first) and first not in out:  # a stage name, not a model folder
+            out.append(first)
+    return out
+
+
+def run(p: Params) -> dict:
+    """The whole stage; returns what :func:`run_distillation` returns plus ``"metrics"``."""
+    stage.check_inputs(p, needs(p))
+    stage.start(p)
+    result = run_distillation(p)
+    result["metrics"] = {
+        "mode": p.mode,
+        "model": next(iter(result["students"])),  # the student written to model/
+        "parent_accuracy": result["parent"]["accuracy"],
+        "students": result["students"],
+    }
+    return result
+
+
+def headline(metrics: dict) -> str:
+    """One line for the runner's table.
+
+    >>> headline({"model": "03_ffn_fusion", "students": {"03_ffn_fusion": {"accuracy_kept_before": 0.634,
+    ...           "accuracy_kept": 1.027, "speedup": 1.99}}})
+    "03_ffn_fusion: 63% -> 103% of the parent's accuracy at 1.99x"
+    """
+    s = metrics["students"][metrics["model"]]
+    return (f"{metrics['model']}: {s['accuracy_kept_before']:.0%} -> {s['accuracy_kept']:.0%} of the parent's "
+            f"accuracy at {s['speedup']:.2f}x")
 
 
 def resolve_student(run_dir: str | Path, entry: str) -> Path:
     """The model folder a ``students`` entry names; errors name the entry and what was looked for."""
-    from lnkit.stage import require
-
     run_dir = Path(run_dir)
     if entry == UNFUSED:
         src = run_dir / "03_ffn_fusion" / "source.json"
@@ -127,7 +169,7 @@ def resolve_student(run_dir: str | Path, entry: str) -> Path:
                                     f"from {src}, which does not exist: run 03_ffn_fusion first")
         info = json.loads(src.read_text())
         path = run_dir / info["child_dir"]
-    elif (run_dir / entry / "model").is_dir() or (run_dir / entry / "params.json").is_file():
+    elif names_stage(run_dir, entry):
         path = require(run_dir, entry) / "model"  # a stage folder: it must have completed
     else:
         path = run_dir / entry
@@ -138,26 +180,19 @@ def resolve_student(run_dir: str | Path, entry: str) -> Path:
     return path
 
 
-def parent_params(run_dir: str | Path):
-    """Stage 00's parameters as it ran (from its ``params.json``), pointed at this ``run_dir``."""
-    from lnkit.parent import ParentParams
-
-    d = json.loads((Path(run_dir) / "00_parent" / "params.json").read_text())["params"]
-    return ParentParams.from_dict({**d, "run_dir": str(run_dir), "parent_checkpoint": ""})
+def parent_mix_of(run_dir: str | Path, tok) -> list:
+    """The parent's training mix as stage 00 drew it (its seed and ``doc_fraction``, from its ``params.json``)."""
+    d = json.loads((stage_dir(run_dir, "00_parent") / "params.json").read_text())["params"]
+    return parent_mix(run_dir, tok, d["seed"], d["doc_fraction"])
 
 
 def eval_items(run_dir, eval_n: int) -> list:
     """The first ``eval_n`` test items of each domain (the subset stage 02's frontier uses)."""
-    from lnkit.parent import load_data
-
-    test = load_data(run_dir, "test")
-    return [it for d in DOMAINS for it in [i for i in test if i.domain == d][:eval_n]]
+    return first_per_domain(load_split(run_dir, "test"), eval_n)
 
 
-def accuracy_by_domain(model, tok, items, p: DistillParams, out_dir: Path | None = None, name: str = "eval") -> dict:
+def accuracy_by_domain(model, tok, items, p: Params, out_dir: Path | None = None, name: str = "eval") -> dict:
     """Greedy thinking-off pass@1 per domain and over all (``all``); rows saved under ``out_dir``."""
-    from lnkit.eval import evaluate, save_results, summarize
-
     rows = evaluate(model, tok, items, modes=("off",), max_new_tokens=p.eval_max_new_tokens, seed=p.seed,
                     progress=False)
     if out_dir is not None:
@@ -165,11 +200,9 @@ def accuracy_by_domain(model, tok, items, p: DistillParams, out_dir: Path | None
     return {s["domain"]: s["accuracy"] for s in summarize(rows, by=("mode", "domain"))}
 
 
-def speedup(model, parent_nas, p: DistillParams) -> tuple[float, float, float]:
+def speedup(model, parent_nas, p: Params) -> tuple[float, float, float]:
     """(model tokens/s, parent tokens/s, ratio), measured back to back with one CPU thread (the setting of
     stage 02's figures, and the least noisy on a shared machine)."""
-    from lnkit.puzzle.search_stage import decode_throughput
-
     threads = torch.get_num_threads()
     cpu = next(model.parameters()).device.type == "cpu"
     if cpu:
@@ -182,20 +215,10 @@ def speedup(model, parent_nas, p: DistillParams) -> tuple[float, float, float]:
     return mod, par, mod / par
 
 
-def source_digest(path: Path) -> str:
-    """A digest of a model folder: of its manifest when lnkit wrote it, else of its files' names and sizes."""
-    mf = path / "manifest.json"
-    text = mf.read_text() if mf.is_file() else json.dumps(sorted((q.name, q.stat().st_size) for q in path.iterdir()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def check_source(out: Path, key: str, entry: str, path: Path) -> None:
     """Refuse to resume a student's training when its source model changed since the training began
     (same parameters, e.g. an upstream stage rerun); otherwise record the source for the next resume."""
-    from lnkit.io import CheckpointError
-    from lnkit.train.loop import STATE_DIR
-
-    record, digest = out / "student_source.json", source_digest(path)
+    record, digest = out / "student_source.json", folder_digest(path)
     if (out / STATE_DIR).exists() and record.is_file():
         old = json.loads(record.read_text())
         if old.get("train_key") == key and old.get("source") != digest:
@@ -204,12 +227,8 @@ def check_source(out: Path, key: str, entry: str, path: Path) -> None:
     atomic_write_json(record, {"train_key": key, "source": digest, "path": str(path)})
 
 
-def distill_student(p: DistillParams, entry: str, teacher, tok, batches, out: Path):
+def distill_student(p: Params, entry: str, teacher, tok, batches, out: Path):
     """Load a student, train it (resuming from ``out/train_state``) and return (student, log rows)."""
-    from lnkit.parent import load_model
-    from lnkit.train.distill import check_pair, make_loss_fn
-    from lnkit.train.loop import LoopConfig, train_loop
-
     path = resolve_student(p.run_dir, entry)
     dev = next(teacher.parameters()).device
     student, s_tok = load_model(path, dev)
@@ -248,18 +267,11 @@ def recipe(mode: str) -> str:
     return {"kd": "KD", "cpt": "CPT", "kd_cpt": "KD then CPT"}[mode]
 
 
-def run_distillation(p: DistillParams) -> dict:
-    """The whole stage; returns {"parent", "students", "table"} and writes ``table.csv`` and the models."""
-    import pandas as pd
-
-    from lnkit.parent import load_model, save_model, training_examples
-    from lnkit.puzzle.library import as_nas
-    from lnkit.stage import require
-    from lnkit.train.batches import PackedBatcher
-
+def run_distillation(p: Params) -> dict:
+    """Distill every student; returns {"parent", "students", "table"} and writes ``table.{csv,json}`` and the models."""
     parent_dir = require(p.run_dir, "00_parent")
     sources = {student_name(e): resolve_student(p.run_dir, e) for e in p.students}  # fail before any compute
-    out = stage_dir(p)
+    out = stage_dir(p.run_dir, NAME)
     teacher, tok = load_model(parent_dir / "model", p.setup_torch())
     for q in teacher.parameters():
         q.requires_grad_(False)
@@ -267,7 +279,7 @@ def run_distillation(p: DistillParams) -> dict:
     parent_acc = accuracy_by_domain(teacher, tok, items, p, out, "eval_parent")
     parent_nas = as_nas(teacher)
     # A distillation order of its own (seed + 4), not the parent's: the student sees the same mix, reshuffled.
-    batches = PackedBatcher(training_examples(parent_params(p.run_dir), tok), p.rows, p.row_len,
+    batches = PackedBatcher(parent_mix_of(p.run_dir, tok), p.rows, p.row_len,
                             tok.pad_token_id, seed=p.seed + 4)
     students, table = {}, [{"model": "parent", "phase": "parent", "training": "", **parent_acc, "kept": 1.0,
                             "speedup": 1.0}]
@@ -300,64 +312,6 @@ def run_distillation(p: DistillParams) -> dict:
                    "speedup": ratio}]
     cols = ["model", "phase", "training", *DOMAINS, "all", "kept", "speedup"]
     pd.DataFrame(table)[cols].to_csv(out / "table.csv", index=False)
+    atomic_write_json(out / "table.json", table)
     parent = {"accuracy": parent_acc}
     return {"parent": parent, "students": students, "table": table}
-
-
-def plot_table(table: list[dict], title: str = "Table 1 analog: accuracy before and after distillation"):
-    """Grouped bars per domain (and over all): the parent, then each student before and after."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cols = [*DOMAINS, "all"]
-    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 3.6))
-    w = 0.8 / len(table)
-    for j, r in enumerate(table):
-        label = ("parent" if r["phase"] == "parent" else
-                 f"{r['model']}, {r['phase']} {r['training']} ({r['speedup']:.2f}x)")
-        hatch = "//" if r["phase"] == "before" else None
-        ax.bar(np.arange(len(cols)) + (j - (len(table) - 1) / 2) * w, [r[c] for c in cols], w, label=label,
-               hatch=hatch, color="k" if r["phase"] == "parent" else f"C{(j + 1) // 2}",
-               alpha=0.45 if hatch else 0.9)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_ylabel("test accuracy (pass@1, thinking off)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
-
-
-def plot_losses(logs: dict[str, str | Path], title: str = "stage 04: distillation loss"):
-    """Per student, the total loss and its logged terms (KL, cosine, LM) against steps, from the CSV logs."""
-    import csv
-
-    import matplotlib.pyplot as plt
-
-    from lnkit.plots import smooth
-
-    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.2), squeeze=False, sharey=True)
-    for ax, (name, path) in zip(axes[0], logs.items()):
-        rows = list(csv.DictReader(open(path)))
-        steps = [int(r["step"]) for r in rows]
-        for col in ("loss", "kl", "cosine", "lm"):
-            xs = [s for s, r in zip(steps, rows) if r.get(col) not in (None, "")]  # kd_cpt: no KL once in CPT
-            ys = [float(r[col]) for r in rows if r.get(col) not in (None, "")]
-            if ys:
-                ax.plot(xs, smooth(ys, max(1, len(ys) // 50)), label=col if col != "loss" else "total")
-        switch = [s for s, a, b in zip(steps[1:], rows, rows[1:]) if a.get("kl") and not b.get("kl")]
-        for s in switch[:1]:  # kd_cpt: where distillation hands over to continued pretraining
-            ax.axvline(s, c="grey", lw=0.8, ls="--", label="KD -> CPT")
-        back = [s for s, a, b in zip(steps, rows, rows[1:]) if a.get("rollbacks") != b.get("rollbacks")]
-        for s in back:
-            ax.axvline(s, c="r", lw=0.8, ls=":")
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(name + (f" ({len(back)} rollbacks)" if back else ""), fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("loss (moving average)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig

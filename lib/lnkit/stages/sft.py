@@ -12,17 +12,30 @@ rate instead).
 ``schedule = "staged"`` follows LN-Nano's three SFT stages (Section 4.2): reasoning-only examples first,
 then everything, then chat and instruction following (categories ``chat``, ``instruct``, ``safety``), for
 ``stage_fractions`` of the steps. ``"single"`` is one pass over the blend, as for LN-Super.
+
+Notebook: ``notebooks/06_reasoning_sft.ipynb``. Reads ``00_parent`` (test split, the parent's evaluation),
+the student's stage and the data's; writes ``<run_dir>/06_reasoning_sft/``: ``model/``, ``train_log.csv``
+and the evaluation in both modes (``eval_rows.jsonl``, ``eval_summary.{csv,json}``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lnkit import stage
+from lnkit.checkpoints import load_model, model_dir, names_stage, save_model, stage_dir
+from lnkit.data.released import load_rows
+from lnkit.data.splits import first_per_domain, load_split
+from lnkit.eval import evaluate, save_results, summarize
+from lnkit.io import file_digest
 from lnkit.params import ParamError, RunParams, param
-from lnkit.stage import stage_path
+from lnkit.train.batches import PackedBatcher, encode_row
+from lnkit.train.loop import LoopConfig, train_loop
+
+NAME = "06_reasoning_sft"
 
 CHAT_CATEGORIES = ("chat", "instruct", "instruction following", "safety")
 # Fields that change what the student learns: a training checkpoint is resumed when only the others
@@ -33,10 +46,10 @@ PHASES = ("reasoning", "mixed", "chat")
 
 
 @dataclass
-class SFTParams(RunParams):
+class Params(RunParams):
     """Stage 06 parameters (fields match ``notebooks/06_reasoning_sft.ipynb``'s parameters cell)."""
 
-    STAGE = "06_reasoning_sft"
+    STAGE = NAME
     init: str = param("04_distillation", "the student: a stage whose model/ to load, or a model folder")
     data: str = param("05_reasoning_data", "a stage whose sft.jsonl to train on, or a released-schema .jsonl file")
     schedule: str = param("single", "'single': one blend; 'staged': LN-Nano's reasoning -> mixed -> chat",
@@ -70,6 +83,61 @@ class SFTParams(RunParams):
                 raise ParamError(f"stage {self.STAGE}: {name}={v!r} does not exist")
 
 
+def needs(p: Params) -> list[str]:
+    """The earlier stages this stage reads: the world's, the student's and the data's."""
+    out = ["00_parent"]
+    for spec in (p.init, p.data):
+        if names_stage(p.run_dir, spec) and spec not in out:
+            out.append(spec)
+    return out
+
+
+def run(p: Params) -> dict:
+    """Train, then evaluate in both modes. Returns ``{"metrics", "log", "info", "rows", "summary", "items"}``."""
+    stage.check_inputs(p, needs(p))
+    out = stage.start(p)
+    model, tok, log, info = train_sft(p)
+    items = eval_items(p)
+    rows = evaluate(model, tok, items, modes=("off", "on"), k=p.eval_k, max_new_tokens=p.eval_max_new_tokens,
+                    seed=p.seed, progress=p.progress)
+    summary = save_results(rows, out, "eval")          # by mode, domain and difficulty
+    by_domain = summarize(rows, by=("mode", "domain"))  # by mode and domain, plus 'all'
+    parent = parent_summary(p.run_dir)
+    acc = {f"{s['mode']}/{s['domain']}/{s['difficulty']}": s["accuracy"] for s in summary}
+    acc.update({f"{s['mode']}/{s['domain']}/all": s["accuracy"] for s in by_domain})
+    dom = {(s["mode"], s["domain"]): s for s in by_domain}
+    overall = {m: dom[(m, "all")] for m in ("off", "on")}
+    metrics = {
+        "accuracy": acc,
+        "math_on_minus_off": round(dom[("on", "math")]["accuracy"] - dom[("off", "math")]["accuracy"], 4),
+        "parent_math_off": {str(s["difficulty"]): s["accuracy"] for s in parent
+                            if s["mode"] == "off" and s["domain"] == "math"},
+        "compliance": {m: s["compliance"] for m, s in overall.items()},
+        "leakage_off": overall["off"]["leakage"],
+        "leakage_off_by_domain": {d: s["leakage"] for (m, d), s in dom.items() if m == "off"},
+        "mean_tokens": {m: s["mean_tokens"] for m, s in overall.items()},
+        "train_seconds": info["train_seconds"],
+        "steps_per_second": round(len(log) / max(info["train_seconds"], 1e-9), 3),
+        "rollbacks": info["rollbacks"],
+        "examples": info["rows"],
+        "skipped_rows": info["skipped"],
+        "init": info["init"],
+    }
+    return {"metrics": metrics, "log": log, "info": info, "rows": rows, "summary": summary,
+            "by_domain": by_domain, "items": items, "parent": parent}
+
+
+def headline(metrics: dict) -> str:
+    """One line for the runner's table.
+
+    >>> headline({"accuracy": {"on/math/all": 0.9, "off/math/all": 0.255}, "compliance": {"on": 0.99, "off": 0.99}})
+    'math 90% thinking on vs 26% off; toggle compliance 99% / 99%'
+    """
+    a, c = metrics["accuracy"], metrics["compliance"]
+    return (f"math {a['on/math/all']:.0%} thinking on vs {a['off/math/all']:.0%} off; "
+            f"toggle compliance {c['on']:.0%} / {c['off']:.0%}")
+
+
 def data_path(run_dir: str | Path, spec: str) -> Path:
     """The JSON-lines file ``spec`` names: ``<run_dir>/<spec>/sft.jsonl`` for a stage, else the file."""
     run_dir = Path(run_dir)
@@ -94,12 +162,9 @@ def phase_rows(rows: list[dict], phase: str) -> list[dict]:
     return list(rows)
 
 
-def make_batches(rows: list[dict], tok, P: SFTParams):
+def make_batches(rows: list[dict], tok, P: Params):
     """``batches(i)`` for the loop (micro-batch ``i``; step ``i // accum``), a pure function of ``i``.
     Returns it with the phase table ``[(phase, first_step, examples)]``."""
-    from lnkit.data.released import encode_row
-    from lnkit.train.batches import PackedBatcher
-
     if P.schedule == "single":
         plan = [("mixed", 0, rows)]
     else:
@@ -124,26 +189,13 @@ def make_batches(rows: list[dict], tok, P: SFTParams):
     return batches, [(ph, b, len(ex)) for ph, b, ex in plan]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def train_sft(P: SFTParams, loss_fn=None):
+def train_sft(P: Params, loss_fn=None):
     """Load the student and the data, train, save ``model/``. Returns (model, tok, log, info).
 
     ``loss_fn`` goes to :func:`lnkit.train.loop.train_loop` (tests use it to inject a bad step)."""
-    from lnkit.curation_stage import model_path
-    from lnkit.data.released import load_rows
-    from lnkit.parent import load_model, save_model
-    from lnkit.train.loop import LoopConfig, train_loop
-
-    out = stage_path(P)
+    out = stage_dir(P.run_dir, NAME)
     device = P.setup_torch()
-    init = model_path(P.run_dir, P.init)
+    init = model_dir(P.run_dir, P.init)
     model, tok = load_model(init, device)
     data = data_path(P.run_dir, P.data)
     rows, skipped = load_rows(data)
@@ -159,8 +211,8 @@ def train_sft(P: SFTParams, loss_fn=None):
     # blend or from another student must not be resumed.
     manifest = init / "manifest.json"
     train_params = {f: getattr(P, f) for f in TRAIN_FIELDS}
-    fingerprint = (f"{train_params}|data={_file_digest(data)}|"
-                   f"init={_file_digest(manifest) if manifest.exists() else init}")
+    fingerprint = (f"{train_params}|data={file_digest(data)}|"
+                   f"init={file_digest(manifest) if manifest.exists() else init}")
     t0 = time.perf_counter()
     log = train_loop(model, batches, cfg, out, desc="sft", progress=P.progress, fingerprint=fingerprint,
                      loss_fn=loss_fn)
@@ -172,52 +224,15 @@ def train_sft(P: SFTParams, loss_fn=None):
     return model, tok, log, info
 
 
-def eval_items(P: SFTParams):
+def eval_items(P: Params):
     """The test split, or its first ``eval_n`` items per domain."""
-    from lnkit.parent import load_data
-
-    items = load_data(P.run_dir, "test")
+    items = load_split(P.run_dir, "test")
     if not P.eval_n:
         return items
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        if seen.get(it.domain, 0) < P.eval_n:
-            out.append(it)
-            seen[it.domain] = seen.get(it.domain, 0) + 1
-    return out
+    return first_per_domain(items, P.eval_n)
 
 
 def parent_summary(run_dir: str | Path) -> list[dict]:
     """The parent's evaluation summary (stage 00), or [] when it is not there."""
-    import json
-
-    p = Path(run_dir) / "00_parent" / "eval_summary.json"
+    p = stage_dir(run_dir, "00_parent") / "eval_summary.json"
     return json.loads(p.read_text()) if p.exists() else []
-
-
-def plot_on_vs_off(summary: list[dict], parent: list[dict], title: str = "stage 06: math accuracy, thinking on vs off"):
-    """Math pass@1 by difficulty: the student with thinking on and off, and the parent (thinking off)."""
-    import matplotlib.pyplot as plt
-
-    def series(rows, mode):
-        pts = sorted((int(s["difficulty"]), s["accuracy"]) for s in rows
-                     if s["mode"] == mode and s["domain"] == "math" and s["difficulty"] != "all")
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for rows, mode, label, style in ((summary, "on", "SFT student, thinking on", "s-"),
-                                     (summary, "off", "SFT student, thinking off", "o-"),
-                                     (parent, "off", "parent (stage 00), thinking off", "x--")):
-        x, y = series(rows, mode)
-        if x:
-            ax.plot(x, y, style, label=label)
-    ax.set_xlabel("math difficulty (arithmetic steps)")
-    ax.set_ylabel("pass@1")
-    ax.set_xticks(range(1, 6))
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig

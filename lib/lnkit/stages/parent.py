@@ -7,32 +7,42 @@ tokenizer on them, and trains a small ``LlamaForCausalLM`` (fp32) on a mix of "p
 examples answered directly, with the system prompt absent, "on" or "off" at random so that the parent,
 like Llama Instruct, ignores the toggle it has never been taught. Alternatively ``parent_checkpoint``
 names a local Hugging Face Llama folder to use as the parent instead.
+
+Notebook: ``notebooks/00_parent.ipynb``. Reads nothing; writes ``<run_dir>/00_parent/``: ``data/`` (the
+splits, the world, the decontamination report), ``tokenizer/``, ``model/``, ``train_log.csv`` and the
+evaluation (``eval_rows.jsonl``, ``eval_summary.{csv,json}``), which later stages read.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from lnkit import stage
+from lnkit.checkpoints import load_model, save_model, stage_dir
 from lnkit.data.chat import THINK_OFF, THINK_ON, render_prompt
-from lnkit.data.splits import decontamination_report, load_items, make_split, save_items
+from lnkit.data.splits import decontamination_report, load_split, make_split, save_items
 from lnkit.data.tasks import DOMAINS, arithmetic_corpus
 from lnkit.data.tokenizer import save_tokenizer, train_tokenizer
 from lnkit.data.world import knowledge_corpus, make_world
-from lnkit.io import CheckpointError, atomic_dir, atomic_write_json, verify_checkpoint
+from lnkit.eval import evaluate, save_results
+from lnkit.io import atomic_write_json
 from lnkit.params import ParamError, RunParams, param
-from lnkit.train.batches import PackedBatcher, encode_chat, encode_doc
+from lnkit.train.batches import PackedBatcher
+from lnkit.train.loop import LoopConfig, train_loop
+from lnkit.train.mix import parent_mix
+
+NAME = "00_parent"
 
 
 @dataclass
-class ParentParams(RunParams):
+class Params(RunParams):
     """Stage 00 parameters (fields match ``notebooks/00_parent.ipynb``'s parameters cell)."""
 
-    STAGE = "00_parent"
+    STAGE = NAME
     # --- the world
     world_seed: int = param(0, "seed of the fact base (creature and kind names)", lo=0)
     n_train: int = param(2000, "training items per domain for science, code, instruct and chat", lo=10)
@@ -74,13 +84,42 @@ class ParentParams(RunParams):
                              f"num_kv_heads={self.num_kv_heads}")
 
 
-def stage_dir(p: ParentParams) -> Path:
-    return Path(p.run_dir) / "00_parent"
+def needs(p: Params) -> list[str]:
+    """The earlier stages this stage reads: none, it starts the pipeline."""
+    return []
 
 
-def build_world(p: ParentParams) -> dict:
+def run(p: Params) -> dict:
+    """The whole stage: the world, the parent, its evaluation. Returns ``{"metrics", "log", "summary"}``."""
+    stage.check_inputs(p, needs(p))
+    out = stage.start(p)
+    sizes = build_world(p)
+    model, tok, log = train_parent(p)
+    rows = evaluate(model, tok, load_split(p.run_dir, "test"), modes=tuple(p.eval_modes), k=p.eval_k,
+                    max_new_tokens=p.eval_max_new_tokens, seed=p.seed, progress=p.progress)
+    summary = save_results(rows, out, "eval")
+    metrics = {
+        "parameters": sum(q.numel() for q in model.parameters()),
+        "final_loss": (sum(r["loss"] for r in log[-50:]) / len(log[-50:])) if log else None,
+        "train_seconds": float(log[-1]["elapsed_s"]) if log else 0.0,
+        "accuracy": {f"{s['mode']}/{s['domain']}/{s['difficulty']}": s["accuracy"] for s in summary},
+        "splits": sizes,
+    }
+    return {"metrics": metrics, "log": log, "summary": summary, "rows": rows}
+
+
+def headline(metrics: dict) -> str:
+    """One line for the runner's table.
+
+    >>> headline({"parameters": 1_410_000, "accuracy": {"off/all/all": 0.5}})
+    '1.41M parameters, accuracy 0.500 (thinking off)'
+    """
+    return f"{metrics['parameters'] / 1e6:.2f}M parameters, accuracy {metrics['accuracy']['off/all/all']:.3f} (thinking off)"
+
+
+def build_world(p: Params) -> dict:
     """Draw the splits, check decontamination, train the tokenizer; write them under ``data/``, ``tokenizer/``."""
-    out = stage_dir(p)
+    out = stage_dir(p.run_dir, NAME)
     world = make_world(p.world_seed)
     splits = {
         "train": make_split(world, "train", {d: p.n_train_math if d == "math" else p.n_train for d in DOMAINS},
@@ -104,37 +143,12 @@ def build_world(p: ParentParams) -> dict:
     return {s: len(v) for s, v in splits.items()}
 
 
-def load_data(run_dir: str | Path, split: str):
-    return load_items(Path(run_dir) / "00_parent" / "data" / f"{split}.jsonl")
+def training_examples(p: Params, tok) -> list[tuple[list[int], list[int]]]:
+    """The parent's training mix (:func:`lnkit.train.mix.parent_mix`) for this stage's parameters."""
+    return parent_mix(p.run_dir, tok, p.seed, p.doc_fraction)
 
 
-def load_world(run_dir: str | Path):
-    import json
-
-    from lnkit.data.world import World
-
-    w = json.loads((Path(run_dir) / "00_parent" / "data" / "world.json").read_text())
-    return World(kinds=w["kinds"], creatures=w["creatures"])
-
-
-def training_examples(p: ParentParams, tok) -> list[tuple[list[int], list[int]]]:
-    """Direct-answer instruction examples plus pretraining documents, in the ``doc_fraction`` ratio."""
-    rng = random.Random(f"{p.seed}-parent-mix")
-    world = load_world(p.run_dir)
-    chats = []
-    for it in load_data(p.run_dir, "train"):
-        mode = rng.choice([None, None, "on", "off"])  # the parent never learns what the toggle means
-        chats.append(encode_chat(tok, it.prompt, it.direct, mode))
-    facts = knowledge_corpus(world) + arithmetic_corpus()
-    n_docs = int(len(chats) * p.doc_fraction / (1 - p.doc_fraction))
-    docs = []
-    while len(docs) < n_docs:  # several facts per document, reshuffled each pass
-        rng.shuffle(facts)
-        docs += [encode_doc(tok, " ".join(facts[i : i + 6])) for i in range(0, len(facts), 6)]
-    return chats + docs[:n_docs]
-
-
-def make_model(p: ParentParams, tok) -> LlamaForCausalLM:
+def make_model(p: Params, tok) -> LlamaForCausalLM:
     torch.manual_seed(p.seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
@@ -147,39 +161,10 @@ def make_model(p: ParentParams, tok) -> LlamaForCausalLM:
     return model.float()
 
 
-def save_model(model, tok, path: str | Path) -> None:
-    """Hugging Face checkpoint (safetensors + tokenizer), written atomically with a manifest."""
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-
-
-def load_model(path: str | Path, device: str = "cpu"):
-    """Load a checkpoint written by :func:`save_model`, or any local Hugging Face folder.
-
-    lnkit checkpoints are verified against their manifest first: a truncated or altered file is a
-    :class:`~lnkit.io.CheckpointError` naming it.
-    """
-    import lnkit.model  # noqa: F401  (registers nemotron-nas with the Auto classes, for children)
-
-    path = Path(path)
-    if (path / "manifest.json").exists() or not (path / "config.json").exists():
-        verify_checkpoint(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
-    model.eval()
-    return model, tok
-
-
-def train_parent(p: ParentParams):
+def train_parent(p: Params):
     """Train the tiny parent (resuming from the stage's last checkpoint if there is one) and save it to
     ``model/``; or load ``parent_checkpoint``. Returns (model, tokenizer, per-step log)."""
-    from lnkit.train.loop import LoopConfig, train_loop
-
-    out = stage_dir(p)
+    out = stage_dir(p.run_dir, NAME)
     device = p.setup_torch()
     if p.parent_checkpoint:
         model, tok = load_model(p.parent_checkpoint, device)

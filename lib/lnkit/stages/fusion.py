@@ -33,16 +33,34 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-import lnkit.model  # noqa: F401  (registers nemotron-nas with transformers' Auto classes: children load)
+from lnkit import stage
+from lnkit.checkpoints import load_model, require, save_model, stage_dir
+from lnkit.data.splits import first_per_domain, load_split
+from lnkit.deploy import BUILTIN_CONFIGS, GPUS, estimate, load_config
+from lnkit.eval import evaluate, summarize
+from lnkit.fusion import (
+    attention_free_runs,
+    fuse_config,
+    fuse_model,
+    greedy_groups,
+    measure_dependencies,
+    parallel,
+    released_width,
+    resolve_width_rule,
+)
+from lnkit.generate import decode_throughput
+from lnkit.io import atomic_write_json
 from lnkit.params import ParamError, RunParams, param
+from lnkit.puzzle.calibration import token_batches
 
-STAGE = "03_ffn_fusion"
+NAME = STAGE = "03_ffn_fusion"
 
 
 @dataclass
-class FusionParams(RunParams):
+class Params(RunParams):
     """Stage 03 parameters (fields match ``notebooks/03_ffn_fusion.ipynb``'s parameters cell)."""
 
     STAGE = STAGE
@@ -67,8 +85,6 @@ class FusionParams(RunParams):
                            choices=["LN-Super", "LN-Ultra", ""])
 
     def check(self):
-        from lnkit.deploy import GPUS
-
         if self.gpu not in GPUS:
             raise ParamError(f"stage {self.STAGE}: parameter gpu={self.gpu!r} is not in the catalogue; "
                              f"allowed: one of {sorted(GPUS)}")
@@ -76,21 +92,48 @@ class FusionParams(RunParams):
             raise ParamError(f"stage {self.STAGE}: parameter child='' is empty; allowed: 'auto' or a child label")
 
 
-def stage_dir(p: FusionParams) -> Path:
-    return Path(p.run_dir) / STAGE
+def needs(p: Params) -> list[str]:
+    """The earlier stages this stage reads."""
+    return ["00_parent", "02_architecture_search"]
 
 
-def resolve_child(p: FusionParams) -> tuple[str, Path]:
+def run(p: Params) -> dict:
+    """The whole stage; returns what :func:`run_fusion` measured plus ``"metrics"``, and writes ``result.json``."""
+    stage.check_inputs(p, needs(p))
+    out = stage.start(p)
+    result = run_fusion(p)
+    atomic_write_json(out / "result.json", result)
+    metrics = {k: result[k] for k in ("child", "runs", "groups", "fused_groups", "width_rule", "layers_emptied",
+                                      "depth_before", "depth_after", "max_logit_err_vs_parallel", "kl_child_to_fused",
+                                      "accuracy_before", "accuracy_after", "tokens_per_s_unfused",
+                                      "tokens_per_s_fused", "cpu_latency_ratio")}
+    metrics["threshold"] = p.threshold
+    metrics["deploy"] = [{k: r[k] for k in ("setting", "gpu", "tp", "latency_ratio", "unfused_allreduces",
+                                            "fused_allreduces")} for r in result["deploy"]]
+    result["metrics"] = metrics
+    return result
+
+
+def headline(metrics: dict) -> str:
+    """One line for the runner's table.
+
+    >>> headline({"fused_groups": [[4, 5]], "depth_before": 11, "depth_after": 10, "accuracy_before": 0.4,
+    ...           "accuracy_after": 0.384})
+    '1 group(s) fused, depth 11 -> 10, accuracy 0.400 -> 0.384'
+    """
+    return (f"{len(metrics['fused_groups'])} group(s) fused, depth {metrics['depth_before']} -> "
+            f"{metrics['depth_after']}, accuracy {metrics['accuracy_before']:.3f} -> {metrics['accuracy_after']:.3f}")
+
+
+def resolve_child(p: Params) -> tuple[str, Path]:
     """``(label, folder)`` of the child to fuse; errors name the file that is missing or lacks it."""
-    from lnkit.stage import require
-
     search = require(p.run_dir, "02_architecture_search")
     children = search / "children"
     label = p.child
     if label == "auto":
-        mf = search / "metrics.json"
+        mf = search / "best_2x.json"
         try:
-            best = json.loads(mf.read_text()).get("best_2x")
+            best = json.loads(mf.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise FileNotFoundError(f"cannot read {mf} to pick the child (child='auto'): {e}") from None
         if best:
@@ -104,7 +147,7 @@ def resolve_child(p: FusionParams) -> tuple[str, Path]:
             ok = [r for r in rows if r.get("kind") == "puzzle" and _finite(r.get("speedup"))
                   and (children / r["label"].replace(" ", "_")).is_dir()]
             if not ok:
-                raise FileNotFoundError(f"{mf} has no best_2x and {fr} lists no saved Puzzle child with a measured "
+                raise FileNotFoundError(f"{mf} names no child and {fr} lists no saved Puzzle child with a measured "
                                         "speed-up; nothing to fuse")
             label = max(ok, key=lambda r: float(r["speedup"]))["label"]
     folder = children / label.replace(" ", "_")
@@ -142,12 +185,10 @@ def mean_kl(reference, model, batches) -> float:
     return total / n
 
 
-def interleaved_throughput(models: dict, p: FusionParams) -> dict:
+def interleaved_throughput(models: dict, p: Params) -> dict:
     """Decode tokens/s per model, timed in turns (one warm-up + one timed pass each, ``timing_repeats``
     rounds) so both see the same background load; the best round per model, as ``timeit`` advises:
     on a shared machine the slower rounds measure the neighbours, not the model."""
-    from lnkit.puzzle.search_stage import decode_throughput
-
     times = {k: [] for k in models}
     for _ in range(p.timing_repeats):
         for k, m in models.items():
@@ -156,7 +197,7 @@ def interleaved_throughput(models: dict, p: FusionParams) -> dict:
 
 
 def architecture(config, parent_kv: int, parent_width: int) -> list[dict]:
-    """Per-layer rows in :func:`lnkit.puzzle.search_stage.plot_architecture`'s names (FFN width as a
+    """Per-layer rows in :func:`lnkit.plots.architecture`'s names (FFN width as a
     percentage of the parent's, so a fused FFN can exceed 100)."""
     c = getattr(config, "config", config)
     rows = []
@@ -177,9 +218,6 @@ def scale_architecture(config, parent_width: int, target: str = "Llama-3.1-405B"
     """The child's layer pattern at a real model's sizes: real attention becomes the target's GQA,
     FFN widths keep their fraction of the parent's width (rounded up to the released rule), linear and
     no-op blocks stay. Same number of layers as the child. For the roofline only."""
-    from lnkit.deploy import BUILTIN_CONFIGS
-    from lnkit.fusion import released_width
-
     t = BUILTIN_CONFIGS[target]
     c = getattr(config, "config", config)
     h, heads = t["hidden_size"], t["num_attention_heads"]
@@ -199,11 +237,8 @@ def scale_architecture(config, parent_width: int, target: str = "Llama-3.1-405B"
             "block_configs": blocks}
 
 
-def deploy_predictions(child_cfg, fused_cfg, groups, parent_width: int, p: FusionParams) -> list[dict]:
+def deploy_predictions(child_cfg, fused_cfg, groups, parent_width: int, p: Params) -> list[dict]:
     """The roofline's latency (prefill 1024 + 1024 decode steps, bf16) unfused vs fused at ``p.tp`` GPUs."""
-    from lnkit.deploy import estimate, load_config
-    from lnkit.fusion import attention_free_runs, fuse_config
-
     def row(setting, before, after, note):
         e0 = estimate(before, p.gpu, p.tp, batch_size=p.deploy_batch_size)
         e1 = estimate(after, p.gpu, p.tp, batch_size=p.deploy_batch_size)
@@ -230,27 +265,12 @@ def deploy_predictions(child_cfg, fused_cfg, groups, parent_width: int, p: Fusio
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def run_fusion(p: FusionParams) -> dict:
-    """The whole stage; writes the files listed in the module docstring and returns what it measured."""
-    import pandas as pd
-
-    from lnkit.eval import evaluate, summarize
-    from lnkit.fusion import (
-        attention_free_runs,
-        fuse_model,
-        greedy_groups,
-        measure_dependencies,
-        parallel,
-        resolve_width_rule,
-    )
-    from lnkit.io import atomic_write_json
-    from lnkit.parent import load_data, load_model, save_model
-    from lnkit.puzzle.calibration import token_batches
-    from lnkit.stage import require
-
+def run_fusion(p: Params) -> dict:
+    """Measure, group, fuse, evaluate and price; writes the files listed in the module docstring and
+    returns what it measured."""
     parent_dir = require(p.run_dir, "00_parent")
     label, child_dir = resolve_child(p)
-    out = stage_dir(p)
+    out = stage_dir(p.run_dir, NAME)
     device = p.setup_torch()
     parent_cfg = json.loads((parent_dir / "model" / "config.json").read_text())
     parent_width = parent_cfg["intermediate_size"]
@@ -260,7 +280,7 @@ def run_fusion(p: FusionParams) -> dict:
         raise ValueError(f"{child_dir} holds a {child.config.model_type!r} model, not a nemotron-nas child")
 
     runs = attention_free_runs(child.config)
-    batches = [b.to(device) for b in token_batches(tok, load_data(p.run_dir, "val"), rows=p.calib_rows,
+    batches = [b.to(device) for b in token_batches(tok, load_split(p.run_dir, "val"), rows=p.calib_rows,
                                                    row_len=p.calib_len, batch_size=8, seed=p.seed + 2)]
     deps = measure_dependencies(child, batches, runs, progress=p.progress)
     groups = [g for d in deps for g in greedy_groups(d["layers"], d["dependency"], p.threshold)]
@@ -290,8 +310,7 @@ def run_fusion(p: FusionParams) -> dict:
     atomic_write_json(out / "groups.json", {"threshold": p.threshold, "width_rule": rule, "runs": runs,
                                             "groups": groups, "fused": fused_groups})
 
-    test = [it for d in ("math", "science", "code", "instruct", "chat")
-            for it in [i for i in load_data(p.run_dir, "test") if i.domain == d][: p.eval_n]]
+    test = first_per_domain(load_split(p.run_dir, "test"), p.eval_n)
     evals = {}
     for name, m in (("before", child), ("after", fused)):
         if name == "after" and not fused_groups:
@@ -323,64 +342,3 @@ def run_fusion(p: FusionParams) -> dict:
         "architecture_before": architecture(child.config, parent_kv, parent_width),
         "architecture_after": architecture(fused.config, parent_kv, parent_width),
     }
-
-
-# ----------------------------------------------------------------------------------------------- plots
-
-
-def plot_dependency(deps: list[dict], groups: list[list[int]], threshold: float, title: str = ""):
-    """One heatmap per run: ``D[i, j]`` above the diagonal, each FFN's sequential-vs-parallel distance
-    on it; the fused groups outlined."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Rectangle
-
-    if not deps:
-        fig, ax = plt.subplots(figsize=(4.5, 1.6))
-        ax.text(0.5, 0.5, "no run of two or more consecutive FFNs:\nnothing to fuse", ha="center", va="center")
-        ax.axis("off")
-        ax.set_title(title, fontsize=9)
-        return fig
-    fig, axes = plt.subplots(1, len(deps), figsize=(3.2 * len(deps) + 1.2, 3.4), squeeze=False)
-    # the colour scale ends at the threshold (or the largest value): a cell as dark as the bar's top stops a group
-    vmax = max(threshold, 1e-3, *(max(max(max(r) for r in d["dependency"]), max(d["parallel"])) for d in deps))
-    for ax, d in zip(axes[0], deps):
-        L, n = d["layers"], len(d["layers"])
-        M = np.full((n, n), np.nan)
-        for i in range(n):
-            M[i, i] = d["parallel"][i]
-            for j in range(i + 1, n):
-                M[i, j] = d["dependency"][i][j]
-        im = ax.imshow(M, cmap="magma_r", vmin=0, vmax=vmax)
-        for i in range(n):
-            for j in range(i, n):
-                ax.text(j, i, f"{M[i, j]:.3f}", ha="center", va="center", fontsize=7,
-                        color="w" if M[i, j] > vmax / 2 else "k")
-        for g in groups:
-            if len(g) > 1 and g[0] in L:
-                a, b = L.index(g[0]), L.index(g[-1])
-                ax.add_patch(Rectangle((a - 0.45, a - 0.45), b - a + 0.9, b - a + 0.9, fill=False, ec="tab:cyan",
-                                       lw=2.5, ls="--"))
-        ax.set_xticks(range(n), [str(x) for x in L])
-        ax.set_yticks(range(n), [str(x) for x in L])
-        ax.set_xlabel("FFN j (layer)")
-        ax.set_ylabel("FFN i removed (layer)")
-    fig.colorbar(im, ax=list(axes[0]), label="cosine distance (mean over tokens)")
-    fig.suptitle(title or f"FFN dependency (diagonal: sequential vs parallel); fused groups (cyan) at "
-                 f"threshold {threshold}", fontsize=9)
-    return fig
-
-
-def plot_before_after(before: list[dict], after: list[dict], title: str = ""):
-    """The child's architecture above the fused one (attention kind, FFN width % of the parent's)."""
-    import matplotlib.pyplot as plt
-
-    from lnkit.puzzle.search_stage import plot_architecture
-
-    fig, axes = plt.subplots(2, 1, figsize=(0.55 * len(before) + 2.5, 3.4))
-    plot_architecture(before, axes[0], "before fusion")
-    plot_architecture(after, axes[1], "after fusion (fused FFN in the group's first layer)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig

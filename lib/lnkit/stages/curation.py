@@ -3,22 +3,27 @@
 Draws a pool of training prompts from the tiny world (the paper harvested AoPS, TACO, ...; here a fresh
 draw from the training split, plus a few copies of evaluation problems standing for the benchmark
 problems a web harvest contains), has the teacher write ``k`` thinking-on solutions per prompt and the
-parent one greedy thinking-off answer, curates them (:func:`lnkit.data.curation.curate`), draws the blend
+parent one greedy thinking-off answer, curates them (:func:`lnkit.curation.curate`), draws the blend
 and writes it in the released data set's schema (:mod:`lnkit.data.released`) to
 ``<run_dir>/05_reasoning_data/sft.jsonl``, with ``report.json`` / ``report.csv`` (the funnel and the
 blend table) and the funnel figure.
+
+Notebook: ``notebooks/05_reasoning_data.ipynb``; the filters and the blend are :mod:`lnkit.curation`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lnkit.data.curation import (
+from lnkit import stage
+from lnkit.checkpoints import load_model, model_dir, names_stage, stage_dir
+from lnkit.curation import (
     DEFAULT_RATIOS,
     REFERENCE,
     CurationError,
@@ -32,15 +37,19 @@ from lnkit.data.curation import (
     prompts_needed,
     reference_teacher,
 )
+from lnkit.data.chat import split_response
 from lnkit.data.released import make_row, write_rows
+from lnkit.data.splits import load_split, load_world, make_split
 from lnkit.data.tasks import DOMAINS
 from lnkit.io import atomic_write_json, atomic_write_text
 from lnkit.params import ParamError, RunParams, param
-from lnkit.stage import stage_path
+from lnkit.verify import check
+
+NAME = "05_reasoning_data"
 
 
 @dataclass
-class CurationParams(RunParams):
+class Params(RunParams):
     """Stage 05 parameters (fields match ``notebooks/05_reasoning_data.ipynb``'s parameters cell).
 
     Teacher: ``teacher`` ("reference", or a Hugging Face model folder: absolute, relative to ``run_dir``,
@@ -53,7 +62,7 @@ class CurationParams(RunParams):
     ``prompt_margin``.
     """
 
-    STAGE = "05_reasoning_data"
+    STAGE = NAME
     teacher: str = param("reference", "'reference' (the tiny world's solver) or a causal-LM folder sampled k times")
     k: int = param(4, "teacher samples per prompt", lo=1, hi=64)
     error_rate: float = param(0.2, "chance that a reference-teacher sample carries a mistake", lo=0.0, hi=1.0)
@@ -93,28 +102,50 @@ class CurationParams(RunParams):
                 raise ParamError(f"stage {self.STAGE}: {name}={v!r} is not a folder")
 
 
-def model_path(run_dir: str | Path, spec: str) -> Path:
-    """The model folder ``spec`` names: ``<run_dir>/<spec>/model`` for a stage (which must have completed),
-    else ``spec`` itself (absolute, or relative to ``run_dir``), a folder holding a ``config.json``."""
-    from lnkit.stage import require
-
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / spec
-    if (stage_dir / "model").is_dir() or (stage_dir / "params.json").is_file():
-        return require(run_dir, spec) / "model"  # a stage folder: it must have completed
-    for cand in (stage_dir, Path(spec)):
-        if (cand / "config.json").is_file():
-            return cand
-    raise FileNotFoundError(f"no model for {spec!r}: neither a completed stage {run_dir / spec} nor a model folder "
-                            f"{spec} (a Hugging Face folder with config.json); run that stage first")
+def needs(p: Params) -> list[str]:
+    """The earlier stages this stage reads: the world's, and those its teacher and off-mode model name."""
+    out = ["00_parent"]
+    for spec in (p.teacher, p.off_model):
+        if spec != "reference" and names_stage(p.run_dir, spec) and spec not in out:
+            out.append(spec)
+    return out
 
 
-def off_pass_rates(P: CurationParams) -> dict[str, float]:
+def run(p: Params) -> dict:
+    """The whole stage: generate, curate, blend. Returns the report plus ``"metrics"`` and the blend ``"rows"``."""
+    stage.check_inputs(p, needs(p))
+    stage.start(p)
+    report = run_curation(p)
+    rows = report.pop("rows")
+    report["metrics"] = {
+        "funnel": {r["filter"]: r["removed"] for r in report["funnel"]},
+        "responses_generated": report["funnel"][0]["after"],
+        "responses_kept": report["funnel"][-1]["after"],
+        "blend_examples": len(rows),
+        "blend_short": {f"{r['domain']}/{r['mode']}": r["short"] for r in report["blend"] if r["short"]},
+        "blend_on_fraction": round(sum(r["reasoning"] == "on" for r in rows) / len(rows), 4),
+        "audit": report["audit"],
+        "seconds": report["seconds"],
+    }
+    report["rows"] = rows
+    return report
+
+
+def headline(metrics: dict) -> str:
+    """One line for the runner's table.
+
+    >>> headline({"responses_generated": 22770, "responses_kept": 6019, "blend_examples": 4272,
+    ...           "blend_on_fraction": 0.7})
+    '6,019 of 22,770 responses kept; blend of 4,272 (70% thinking on)'
+    """
+    return (f"{metrics['responses_kept']:,} of {metrics['responses_generated']:,} responses kept; blend of "
+            f"{metrics['blend_examples']:,} ({metrics['blend_on_fraction']:.0%} thinking on)")
+
+
+def off_pass_rates(P: Params) -> dict[str, float]:
     """The off-mode model's accuracy per domain, thinking off, from its stage's evaluation summary (stage
     00 writes one), averaged over difficulty levels as the prompt pool draws them; {} when there is none."""
-    import json
-
-    path = Path(P.run_dir) / P.off_model / "eval_summary.json"
+    path = stage_dir(P.run_dir, P.off_model) / "eval_summary.json"
     if P.off_model == "reference" or not path.is_file():
         return {}
     rows = [s for s in json.loads(path.read_text()) if s["mode"] == "off" and s["domain"] in DOMAINS]
@@ -127,12 +158,9 @@ def off_pass_rates(P: CurationParams) -> dict[str, float]:
     return out
 
 
-def prompt_pool(P: CurationParams):
+def prompt_pool(P: Params):
     """Fresh training prompts for every domain of the blend, plus the leaked evaluation problems.
     Returns (targets, pool, thinking-off prompts per domain, evaluation items)."""
-    from lnkit.data.splits import make_split
-    from lnkit.parent import load_data, load_world
-
     targets = blend_targets(P.blend_size, P.domain_ratios, P.off_fraction, P.min_examples)
     need, n_off = prompts_needed(targets, P.prompt_margin, P.off_margin, off_pass_rates(P))
     world = load_world(P.run_dir)
@@ -140,7 +168,7 @@ def prompt_pool(P: CurationParams):
     prompts = make_split(world, "train", {d: n for d, n in need.items() if n > 0}, seed=f"{P.seed}-sft",
                          level_weights={"math": P.math_level_weights})
     prompts = [type(it)(**{**it.to_dict(), "id": "sft-" + it.id}) for it in prompts]
-    evals = load_data(P.run_dir, "val") + load_data(P.run_dir, "test")
+    evals = load_split(P.run_dir, "val") + load_split(P.run_dir, "test")
     leaks = leaked_prompts(evals, math.ceil(P.leak_fraction * len(prompts)) if P.leak_fraction else 0, seed=P.seed)
     return targets, prompts + leaks, n_off, evals
 
@@ -157,15 +185,13 @@ def off_prompts(pool, n_off: dict[str, int]) -> list:
     return out
 
 
-def generate_samples(P: CurationParams, pool, n_off: dict[str, int], device: str = "cpu") -> list[Sample]:
+def generate_samples(P: Params, pool, n_off: dict[str, int], device: str = "cpu") -> list[Sample]:
     """The teacher's thinking-on samples for every prompt and the off-mode model's answers for
     :func:`off_prompts`."""
-    from lnkit.parent import load_model
-
     if P.teacher == "reference":
         on = reference_teacher(pool, P.k, P.error_rate, seed=P.seed)
     else:
-        path = model_path(P.run_dir, P.teacher)
+        path = model_dir(P.run_dir, P.teacher)
         model, tok = load_model(path, device)
         on = model_teacher(model, tok, pool, P.k, name=path.name, max_new_tokens=P.teacher_max_new_tokens,
                            temperature=P.teacher_temperature, seed=P.seed, progress=P.progress)
@@ -173,16 +199,16 @@ def generate_samples(P: CurationParams, pool, n_off: dict[str, int], device: str
     if P.off_model == "reference":
         off = [Sample(it, "off", it.direct, REFERENCE, "") for it in pool_off]
     else:
-        path = model_path(P.run_dir, P.off_model)
+        path = model_dir(P.run_dir, P.off_model)
         model, tok = load_model(path, device)
-        name = P.off_model if (Path(P.run_dir) / P.off_model / "model") == path else path.name
+        name = P.off_model if stage_dir(P.run_dir, P.off_model) / "model" == path else path.name
         off = off_responses(model, tok, pool_off, name=name, max_new_tokens=P.off_max_new_tokens, progress=P.progress)
     return on + off
 
 
-def run_curation(P: CurationParams) -> dict:
-    """Generate, curate, blend and write the stage's artifacts; return the report."""
-    out = stage_path(P)
+def run_curation(P: Params) -> dict:
+    """Generate, curate, blend and write the stage's artifacts; return the report (with the blend's ``rows``)."""
+    out = stage_dir(P.run_dir, NAME)
     device = P.setup_torch()
     t0 = time.perf_counter()
     targets, pool, n_off, evals = prompt_pool(P)
@@ -207,16 +233,13 @@ def run_curation(P: CurationParams) -> dict:
     }
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.csv", funnel_csv(funnel))
-    return report
+    return {**report, "rows": rows}
 
 
 def audit(kept: list[Sample], chosen: list[Sample], goldless: tuple[str, ...]) -> dict:
     """What curation could not see but the tiny world can: leaked prompts left, mistakes of the reference
     teacher left, and answers of gold-less domains (judged by majority vote) that are wrong by gold.
     Responses of the other domains passed verification against gold, so they are right by construction."""
-    from lnkit.data.chat import split_response
-    from lnkit.verify import check
-
     voted = [s for s in chosen if s.item.domain in goldless]
     return {
         "leaked_prompts_kept": sum(s.item.id.startswith("leak-") for s in kept),
@@ -235,38 +258,3 @@ def funnel_csv(funnel: list[dict]) -> str:
     for r in funnel:
         w.writerow({**r, "removed_by_mistake": " ".join(f"{k}={v}" for k, v in r["removed_by_mistake"].items())})
     return buf.getvalue()
-
-
-def plot_report(report: dict, title: str = "stage 05: curation funnel and blend"):
-    """Left: responses left after each filter (removed ones stacked, labelled), then the blend drawn from
-    them. Right: the blend, chosen against target per domain and mode."""
-    import matplotlib.pyplot as plt
-
-    f = report["funnel"] + [{"filter": "blend (the rest not drawn)", "before": report["funnel"][-1]["after"],
-                             "after": report["audit"]["blend_examples"]}]
-    f[-1]["removed"] = f[-1]["before"] - f[-1]["after"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.3, 1]})
-    y = list(range(len(f)))
-    a.barh(y, [r["after"] for r in f], color="tab:blue", label="kept")
-    a.barh(y, [r["removed"] for r in f], left=[r["after"] for r in f], color="tab:red", alpha=0.5, label="removed")
-    for i, r in enumerate(f):
-        if r["removed"]:
-            a.text(r["before"], i, f" -{r['removed']:,}", va="center", fontsize=8)
-    a.set_yticks(y, [r["filter"] for r in f])
-    a.invert_yaxis()
-    a.set_xlabel("responses (both modes)")
-    a.legend(fontsize=8, loc="lower right")
-    a.grid(axis="x", alpha=0.3)
-    t = report["blend"]
-    labels = [f"{r['domain']} {r['mode']}" for r in t]
-    x = list(range(len(t)))
-    b.bar([i - 0.2 for i in x], [r["target"] for r in t], width=0.4, label="target", color="tab:gray")
-    b.bar([i + 0.2 for i in x], [r["chosen"] for r in t], width=0.4, label="chosen", color="tab:green")
-    b.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
-    b.set_yscale("symlog", linthresh=10)
-    b.set_ylabel("examples")
-    b.legend(fontsize=8)
-    b.grid(axis="y", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig

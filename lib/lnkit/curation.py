@@ -37,10 +37,11 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
 from lnkit.data.chat import THINK_CLOSE, THINK_OPEN, format_response, render_prompt, split_response
+from lnkit.data.splits import decontamination_report
 from lnkit.data.tasks import LETTERS, Item
+from lnkit.generate import generate
+from lnkit.progress import progress_bar
 from lnkit.verify import ANSWER_RE, check, extract_code
 
 # The paper's Table 2 (SFT samples per category, 33,011,757 in all). The tiny world has no safety data.
@@ -184,10 +185,9 @@ def model_teacher(model, tok, items: list[Item], k: int, *, name: str, max_new_t
                   progress: bool = True) -> list[Sample]:
     """``k`` sampled thinking-on responses per item from any causal LM (the paper's R1 / Qwen-Math role).
     A generation that hit ``max_new_tokens`` keeps its cut-off text; answer extraction removes it."""
-    from lnkit.generate import generate
 
     prompts = [render_prompt(it.prompt, "on") for it in items for _ in range(k)]
-    with tqdm(total=len(prompts), desc="teacher", disable=not progress) as bar:
+    with progress_bar(total=len(prompts), desc="teacher", disable=not progress) as bar:
         outs = generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         seed=seed, batch_size=batch_size, progress=bar)
     return [Sample(items[j // k], "on", o["text"], name, None) for j, o in enumerate(outs)]
@@ -196,10 +196,9 @@ def model_teacher(model, tok, items: list[Item], k: int, *, name: str, max_new_t
 def off_responses(model, tok, items: list[Item], *, name: str, max_new_tokens: int = 64, batch_size: int = 64,
                   progress: bool = True) -> list[Sample]:
     """One greedy thinking-off response per item (the paper's Llama-Instruct responses, Section 3.2)."""
-    from lnkit.generate import generate
 
     prompts = [render_prompt(it.prompt, "off") for it in items]
-    with tqdm(total=len(prompts), desc="off-mode responses", disable=not progress) as bar:
+    with progress_bar(total=len(prompts), desc="off-mode responses", disable=not progress) as bar:
         outs = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar)
     return [Sample(it, "off", o["text"], name, None) for it, o in zip(items, outs)]
 
@@ -312,8 +311,6 @@ def decontaminate(samples: list[Sample], eval_items: list[Item], n: int = 8,
     >>> [len(part) for part in decontaminate(s, ev)]
     [0, 1]
     """
-    from lnkit.data.splits import decontamination_report
-
     prompts = list({s.item.id: s.item for s in samples}.values())
     flagged = set(decontamination_report(eval_items, prompts, n=n, threshold=threshold)["flagged_ids"])
     evals = {_norm(e.prompt) for e in eval_items}
@@ -352,7 +349,7 @@ def verify_gold(samples: list[Sample], goldless: tuple[str, ...] = (), workers: 
     keys = list(todo)
     code = [k for k in keys if todo[k].verifier == "code"]
     other = [k for k in keys if todo[k].verifier != "code"]
-    with tqdm(total=len(keys), desc="verify", disable=not progress) as bar:
+    with progress_bar(total=len(keys), desc="verify", disable=not progress) as bar:
         for key in other:
             verdict[key] = check(key[1], todo[key])
             bar.update(1)

@@ -1,5 +1,8 @@
 """Stage 01: build Puzzle's block library for the stage-00 parent (``notebooks/01_block_library.ipynb``).
 
+The components are :mod:`lnkit.puzzle.space` (the variants), :mod:`lnkit.puzzle.library` (initialisation,
+blockwise local distillation, storage) and :mod:`lnkit.puzzle.calibration` (the parent's activations).
+
 Reads ``<run_dir>/00_parent/`` (model, tokenizer, training items), writes ``<run_dir>/01_block_library/``:
 ``library/`` (one checksummed folder per candidate, see :mod:`lnkit.puzzle.library`), ``losses.csv`` (loss
 of every candidate before and after blockwise local distillation) and the figures.
@@ -8,16 +11,23 @@ of every candidate before and after blockwise local distillation) and the figure
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
+from lnkit import stage
+from lnkit.checkpoints import load_model, require, stage_dir
+from lnkit.data.splits import load_split
 from lnkit.params import ParamError, RunParams, param
+from lnkit.puzzle.calibration import token_batches
+from lnkit.puzzle.library import build_library, save_library, write_rows_csv
+from lnkit.puzzle.space import SearchSpace
+
+NAME = "01_block_library"
 
 
 @dataclass
-class LibraryParams(RunParams):
+class Params(RunParams):
     """Stage 01 parameters (fields match ``notebooks/01_block_library.ipynb``'s parameters cell)."""
 
-    STAGE = "01_block_library"
+    STAGE = NAME
     threads: int = param(1, "torch CPU threads; sub-blocks of tiny models are small matrices, 1 is fastest", lo=0, hi=256)
     # --- search space
     kv_factors: list[int] = param([], "KV-head reduction factors to try (n_heads_in_group x factor); [] = every power of two that divides the heads", lo=2)
@@ -40,33 +50,54 @@ class LibraryParams(RunParams):
             raise ParamError(f"stage {self.STAGE}: ffn_fractions contains 0.0; remove the FFN with ffn_no_op instead")
 
 
-def stage_dir(p: LibraryParams) -> Path:
-    return Path(p.run_dir) / "01_block_library"
+def needs(p: Params) -> list[str]:
+    """The earlier stages this stage reads."""
+    return ["00_parent"]
 
 
-def search_space(p: LibraryParams):
-    from lnkit.puzzle.space import SearchSpace
+def run(p: Params) -> dict:
+    """Build, distill and save the library. Returns ``{"metrics", "rows"}`` (one row per candidate)."""
+    stage.check_inputs(p, needs(p))
+    stage.start(p)
+    _, rows = build(p)
+    trained = [r for r in rows if 1e-6 < r["loss_init"] < 0.999]  # no-op and parent variants train nothing
+    metrics = {
+        "candidates": len(rows),
+        "layers": sorted({int(r["layer"]) for r in rows}),
+        "mean_loss_init": sum(r["loss_init"] for r in trained) / max(1, len(trained)),
+        "mean_loss_bld": sum(r["loss_bld"] for r in trained) / max(1, len(trained)),
+        "improved_by_bld": sum(r["loss_bld"] < r["loss_init"] - 1e-9 for r in trained),
+        "trainable": len(trained),
+    }
+    return {"metrics": metrics, "rows": rows}
 
+
+def headline(metrics: dict) -> str:
+    """One line for the runner's table.
+
+    >>> headline({"candidates": 84, "trainable": 60, "mean_loss_init": 0.4, "mean_loss_bld": 0.2})
+    '84 candidates; BLD loss 0.400 -> 0.200 (mean of 60 trained)'
+    """
+    return (f"{metrics['candidates']} candidates; BLD loss {metrics['mean_loss_init']:.3f} -> "
+            f"{metrics['mean_loss_bld']:.3f} (mean of {metrics['trainable']} trained)")
+
+
+def search_space(p: Params) -> SearchSpace:
     return SearchSpace(kv_factors=tuple(p.kv_factors) or None, attention_linear=p.attention_linear,
                        attention_no_op=p.attention_no_op, ffn_fractions=tuple(p.ffn_fractions),
                        ffn_linear=p.ffn_linear, ffn_no_op=p.ffn_no_op)
 
 
-def build(p: LibraryParams):
+def build(p: Params):
     """Load the parent, make calibration batches, build, distill and save the library; return (library, rows)."""
-    from lnkit.parent import load_data, load_model
-    from lnkit.puzzle.calibration import token_batches
-    from lnkit.puzzle.library import build_library, save_library, write_rows_csv
-    from lnkit.stage import require
-
     parent_dir = require(p.run_dir, "00_parent")
     model, tok = load_model(parent_dir / "model", p.setup_torch())
-    batches = token_batches(tok, load_data(p.run_dir, "train"), rows=p.calib_rows, row_len=p.calib_len,
+    batches = token_batches(tok, load_split(p.run_dir, "train"), rows=p.calib_rows, row_len=p.calib_len,
                             batch_size=p.calib_batch, seed=p.seed)
     batches = [b.to(next(model.parameters()).device) for b in batches]
     library = build_library(model, batches, search_space(p), layers=p.layers or None, steps=p.bld_steps,
                             lr=p.bld_lr, seed=p.seed, coupled=p.bld == "coupled", progress=p.progress)
-    out = stage_dir(p)
+    out = stage_dir(p.run_dir, NAME)
     save_library(library, out / "library")
     write_rows_csv(library.rows, out / "losses.csv")
     return library, library.rows
