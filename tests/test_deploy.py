@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lnkit import deploy
+from lnkit import deploy, plots
 from lnkit.params import ParamError
 
 
@@ -191,7 +191,7 @@ def test_plot_layer_costs_stacks_every_layer():
 
     matplotlib.use("Agg")
     rows = deploy.layer_costs("LN-Super", batch_size=8, prompt_len=256, output_len=64)
-    fig = deploy.plot_layer_costs(rows, "decode")
+    fig = plots.layer_costs(rows, "decode")
     bars = fig.axes[0].containers
     assert len(bars) == 3 and all(len(b) == 80 for b in bars)
 
@@ -206,7 +206,7 @@ def test_planner_notebook_runs_headless_where_the_weights_do_not_fit(tmp_path):
     papermill.execute_notebook(str(nb_dir / "deployment_planner.ipynb"), str(out), cwd=str(nb_dir), progress_bar=False,
                                parameters={"config_source": "LN-Ultra", "gpu": "H200", "figures_dir": str(tmp_path / "f")})
     text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
-    assert "The weights do not fit in 1 x H200: at least 2 are needed" in text
+    assert "The weights do not fit on one replica's 1 x H200: at least 2 GPUs per replica are needed" in text
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
         "deployment_claims.csv", "deployment_decode_layers.png", "deployment_prefill_layers.png"]
 

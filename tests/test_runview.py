@@ -76,7 +76,7 @@ def test_log_shows_cell_starts_and_ten_percent_steps_not_printed_lines():
     clock.t += 10.0
     view.feed("stdout", "many\nlines\nlast line\n")  # 14 s after: the last line only
     assert out.getvalue().splitlines() == [
-        "[02_search] cell 3/4: # run the search",
+        "[02_search] cell 3/4: result = run_search(P)",  # the first line of code, not the comment
         "[02_search] cell 3/4 | loop 0% 0/30 [00:00<?, ?it/s]",
         "[02_search] cell 3/4 | loop 33% 10/30 [00:01<00:02,  9.98it/s]",
         "[02_search] cell 3/4 | loop 67% 20/30 [00:02<00:01,  9.97it/s]",
@@ -198,8 +198,8 @@ def test_a_stage_run_by_papermill_streams_cells_and_bars_and_ends_in_the_table(s
     captured = capfd.readouterr()  # the runner's output, and the kernel's own stderr (fd 2)
     shown = captured.out.splitlines()
     assert shown[0] == "[t_stage] executing notebooks/t_stage.ipynb -> output/r/t_stage.ipynb"
-    assert shown[1:4] == ["[t_stage] cell 1/4: run_dir = \"\"", "[t_stage] cell 2/4: # Parameters",
-                          "[t_stage] cell 3/4: import time"]
+    assert shown[1] == "[t_stage] cell 1/4: run_dir = \"\"" and shown[3] == "[t_stage] cell 3/4: import time"
+    assert shown[2] == f'[t_stage] cell 2/4: run_dir = "{p.run_dir}"'  # papermill's cell: its first line of code
     assert "[t_stage] cell 3/4 | steps 100% 20/20" in "\n".join(shown)  # plain-text tqdm, not a widget
     assert not any("printed line" in s for s in shown)
     assert "[t_stage] cell 4/4: from lnkit import stage" in shown

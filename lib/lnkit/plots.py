@@ -323,6 +323,29 @@ def on_vs_off(summary: list[dict], parent: list[dict], title: str = "stage 06: m
     return fig
 
 
+def layer_costs(rows: list[dict], phase: str = "decode", title: str = ""):
+    """Stacked bars per layer: attention, FFN and all-reduce seconds of ``phase`` (rows from
+    :func:`lnkit.deploy.layer_costs`; the ``lm_head`` row is left out). Returns the figure."""
+    body = [r for r in rows if r["layer"] != "head"]
+    x = [r["layer"] for r in body]
+    scale = 1e3 if phase == "prefill" else 1e6
+    parts = [(f"{phase}_attention_s", "attention", "tab:blue"), (f"{phase}_ffn_s", "FFN", "tab:orange"),
+             (None, "all-reduce", "tab:gray")]
+    fig, ax = plt.subplots(figsize=(max(6, len(body) * 0.06 + 3), 3.2))
+    bottom = [0.0] * len(body)
+    for key, label, color in parts:
+        vals = [(r[key] if key else r[f"{phase}_attention_comm_s"] + r[f"{phase}_ffn_comm_s"]) * scale for r in body]
+        ax.bar(x, vals, bottom=bottom, width=0.85, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{phase} time per layer ({'ms' if phase == 'prefill' else 'µs per step'})")
+    ax.set_title(title or f"{phase}: where the time goes")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- figures from a run's files
 
 

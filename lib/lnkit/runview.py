@@ -144,7 +144,9 @@ class StageView:
     def cell_execute(self, cell, cell_index: int, **_) -> None:
         k = self.ordinal.get(cell_index, cell_index + 1)
         self.cell = f"cell {k}/{len(self.ordinal) or '?'}"
-        self.source = next((s.strip() for s in cell.source.splitlines() if s.strip()), "")
+        lines = [s.strip() for s in cell.source.splitlines() if s.strip()]
+        # the first line of code names the cell best; a cell of comments and literals shows its first line
+        self.source = next((s for s in lines if not s.startswith("#")), lines[0] if lines else "")
         self.detail, self._bar, self._decile = "", None, -1
         self._show(cell_start=True)
 

@@ -271,6 +271,8 @@ def explore_budget(result: dict, budget: float, p: Params):
              f"parameters {s['params_fraction']:.0%} of the parent's; MIP {s['status']} in {s['solve_time_s'] * 1e3:.0f} ms"]
     measured = {r["budget"]: r for r in result["frontier"] if r["kind"] == "puzzle" and "accuracy" in r}
     r = measured.get(round(budget, 2))
-    lines.append(f"measured: {r['speedup']:.2f}x decode throughput, {r['accuracy_kept']:.0%} of the parent's accuracy"
+    kept = (f"{r['accuracy_kept']:.0%} of the parent's accuracy" if r and math.isfinite(r["accuracy_kept"])
+            else "accuracy not comparable (the parent scores 0)")
+    lines.append(f"measured: {r['speedup']:.2f}x decode throughput, {kept}"
                  if r else "not assembled in the sweep (budgets: " + ", ".join(f"{b:.2f}" for b in sorted(measured)) + ")")
     return fig, "\n".join(lines)
