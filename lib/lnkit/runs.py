@@ -36,7 +36,7 @@ from lnkit import runview
 from lnkit.checkpoints import StageNotComplete
 from lnkit.io import atomic_write_text
 from lnkit.params import ParamError, StageParams
-from lnkit.stage import MARKER, check_inputs, is_complete
+from lnkit.stage import MARKER, is_complete, missing_input
 from lnkit.stages import PIPELINE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,19 +186,16 @@ def notebook_params(module, ns: dict) -> StageParams:
     except RunError as e:
         raise ParamError(f"stage {cls.STAGE}: {e}") from None
     spec = read_spec(run_file)
-    values = stage_values(spec, cls.STAGE, run_file.parent) if cls.STAGE in spec["stages"] else \
-        stage_values({**spec, "stages": {**spec["stages"], cls.STAGE: {}}}, cls.STAGE, run_file.parent)
+    values = stage_values(spec, cls.STAGE, run_file.parent)  # shared values and defaults if the run lacks it
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.name in ns and ns[f.name] != default:  # changed in the cell (or injected by papermill)
             values[f.name] = ns[f.name]
     p = cls.from_dict(values)
-    try:
-        check_inputs(p, module.needs(p), "")
-    except StageNotComplete as e:
-        missing = str(e).split("reads stage ")[1].split(",")[0]
+    missing = missing_input(p, module.needs(p))
+    if missing is not None:
         raise NotebookInputMissing(f"stage {cls.STAGE} reads stage {missing}, which has not completed in "
-                                   f"{p.run_dir}. Run it first: {_command(run_file, missing)}") from None
+                                   f"{p.run_dir}. Run it first: {_command(run_file, missing)}")
     return p
 
 

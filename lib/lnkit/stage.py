@@ -18,7 +18,7 @@ from lnkit.io import atomic_write_json, clean_partial
 from lnkit.params import StageParams
 from lnkit.progress import show_library_bars
 
-__all__ = ["MARKER", "stage_path", "is_complete", "start", "finish", "check_inputs"]
+__all__ = ["MARKER", "stage_path", "is_complete", "start", "finish", "check_inputs", "missing_input"]
 
 
 def stage_path(p: StageParams) -> Path:
@@ -33,14 +33,19 @@ def is_complete(p: StageParams) -> bool:
         return False
 
 
+def missing_input(p: StageParams, needs: list[str]) -> str | None:
+    """The first of the earlier stages ``needs`` that has not completed in ``p.run_dir``, or None."""
+    return next((need for need in needs if not (stage_dir(p.run_dir, need) / MARKER).is_file()), None)
+
+
 def check_inputs(p: StageParams, needs: list[str], command: str = "") -> None:
     """Raise :class:`~lnkit.checkpoints.StageNotComplete` naming the first of the earlier stages ``needs``
     that has not completed in ``p.run_dir``, and the command that runs it; write nothing."""
-    for need in needs:
-        if not (stage_dir(p.run_dir, need) / MARKER).is_file():
-            how = command or f"python -m lnkit.runs <run file> --until {need}"
-            raise StageNotComplete(f"stage {p.STAGE} reads stage {need}, which has not completed in {p.run_dir}. "
-                                   f"Run it first: {how}")
+    need = missing_input(p, needs)
+    if need is not None:
+        how = command or f"python -m lnkit.runs <run file> --until {need}"
+        raise StageNotComplete(f"stage {p.STAGE} reads stage {need}, which has not completed in {p.run_dir}. "
+                               f"Run it first: {how}")
 
 
 def start(p: StageParams) -> Path:

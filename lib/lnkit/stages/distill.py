@@ -36,7 +36,7 @@ from lnkit.data.splits import first_per_domain, load_split
 from lnkit.data.tasks import DOMAINS
 from lnkit.eval import evaluate, save_results, summarize
 from lnkit.generate import decode_throughput
-from lnkit.io import CheckpointError, atomic_write_json, folder_digest
+from lnkit.io import atomic_write_json, folder_digest
 from lnkit.params import ParamError, RunParams, param
 from lnkit.puzzle.library import as_nas
 from lnkit.train.batches import PackedBatcher
@@ -215,16 +215,18 @@ def speedup(model, parent_nas, p: Params) -> tuple[float, float, float]:
     return mod, par, mod / par
 
 
-def check_source(out: Path, key: str, entry: str, path: Path) -> None:
-    """Refuse to resume a student's training when its source model changed since the training began
-    (same parameters, e.g. an upstream stage rerun); otherwise record the source for the next resume."""
+def source_fingerprint(out: Path, key: str, entry: str, path: Path) -> str:
+    """The fingerprint of a student's training: its parameters (``key``) and a digest of the model it
+    starts from, recorded in ``out``. When the student changed since a training in ``out`` began (an
+    upstream stage rerun), the fingerprints differ and the loop starts over instead of resuming another
+    model's training; this says so."""
     record, digest = out / "student_source.json", folder_digest(path)
     if (out / STATE_DIR).exists() and record.is_file():
         old = json.loads(record.read_text())
         if old.get("train_key") == key and old.get("source") != digest:
-            raise CheckpointError(f"cannot resume {out / STATE_DIR}: student {entry!r} ({path}) changed since this "
-                                  f"training began. Delete {out} to distill the new student.")
+            print(f"student {entry!r} ({path}) changed since its training in {out} began: distilling it from the start")
     atomic_write_json(record, {"train_key": key, "source": digest, "path": str(path)})
+    return f"{key}|source={digest}"
 
 
 def distill_student(p: Params, entry: str, teacher, tok, batches, out: Path):
@@ -240,7 +242,7 @@ def distill_student(p: Params, entry: str, teacher, tok, batches, out: Path):
     loss_fn = make_loss_fn(teacher if p.mode != "cpt" else None, mode=p.mode, temperature=p.temperature,
                            kd_positions=p.kd_positions, kl_weight=p.kl_weight, cosine_weight=p.cosine_weight,
                            lm_weight=p.lm_weight, pad_id=tok.pad_token_id)
-    check_source(out, p.train_key(entry), entry, path)
+    fingerprint = source_fingerprint(out, p.train_key(entry), entry, path)
     steps = p.total_steps()
     cfg = LoopConfig(steps=steps, lr=p.lr, warmup=min(p.warmup, steps - 1), min_lr_ratio=p.min_lr_ratio,
                      accum=p.accum, ckpt_every=max(25, steps // 10), spike_factor=p.spike_factor)
@@ -249,7 +251,7 @@ def distill_student(p: Params, entry: str, teacher, tok, batches, out: Path):
         batches = _flagged(batches, switch)
     dev_batches = (lambda i: {k: v.to(dev) for k, v in batches(i).items()}) if dev.type != "cpu" else batches
     rows = train_loop(student, dev_batches, cfg, out, desc=f"{p.mode} {student_name(entry)}", progress=p.progress,
-                      fingerprint=p.train_key(entry), loss_fn=loss_fn)
+                      fingerprint=fingerprint, loss_fn=loss_fn)
     return student, rows
 
 
