@@ -166,6 +166,12 @@ def test_a_notebook_opened_before_its_inputs_exist_names_the_command_and_writes_
     assert "stage 06_reasoning_sft reads stage 00_parent, which has not completed" in str(e.value)
     assert f"python -m lnkit.runs {path} --until 00_parent" in str(e.value)
     assert e.value._render_traceback_() and not (tmp_path / "runs").exists()
+    # with the world there, the next missing input is the student's stage, named before anything is written
+    (tmp_path / "runs" / "t" / "00_parent").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "00_parent" / "_COMPLETE.json").write_text("{}")
+    with pytest.raises(NotebookInputMissing, match=r"reads stage 04_distillation, .* --until 04_distillation"):
+        notebook_params(sft, {"run": path})
+    assert not (tmp_path / "runs" / "t" / "06_reasoning_sft").exists()
 
 
 def test_until_and_from_pick_a_range_and_the_run_file_is_kept(tmp_path, capsys):

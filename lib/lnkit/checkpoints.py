@@ -8,6 +8,7 @@ of checksums (:mod:`lnkit.io`), and verified before they load.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -43,6 +44,17 @@ def require(run_dir: str | Path, stage: str) -> Path:
         raise StageNotComplete(f"stage {stage} has not completed in {run_dir}: run it first "
                                f"(python -m lnkit.runs <run file> --until {stage})")
     return d
+
+
+def stage_named(spec: str) -> str | None:
+    """The stage a model or data ``spec`` names, by the pipeline's folder names (``NN_name``): the spec
+    itself or its first path part; None for anything else (a folder of the user's, ``"reference"``).
+
+    >>> stage_named("04_distillation"), stage_named("02_architecture_search/children/budget_0.40"), stage_named("/m")
+    ('04_distillation', '02_architecture_search', None)
+    """
+    first = Path(spec.strip()).parts[0] if spec.strip() else ""
+    return first if re.fullmatch(r"\d\d_[A-Za-z0-9_]+", first) else None
 
 
 def names_stage(run_dir: str | Path, spec: str) -> bool:

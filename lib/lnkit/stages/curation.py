@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lnkit import stage
-from lnkit.checkpoints import load_model, model_dir, names_stage, stage_dir
+from lnkit.checkpoints import load_model, model_dir, stage_dir, stage_named
 from lnkit.curation import (
     DEFAULT_RATIOS,
     REFERENCE,
@@ -104,11 +104,7 @@ class Params(RunParams):
 
 def needs(p: Params) -> list[str]:
     """The earlier stages this stage reads: the world's, and those its teacher and off-mode model name."""
-    out = ["00_parent"]
-    for spec in (p.teacher, p.off_model):
-        if spec != "reference" and names_stage(p.run_dir, spec) and spec not in out:
-            out.append(spec)
-    return out
+    return list(dict.fromkeys(["00_parent", *filter(None, map(stage_named, (p.teacher, p.off_model)))]))
 
 
 def run(p: Params) -> dict:

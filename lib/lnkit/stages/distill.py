@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import pandas as pd
 import torch
 
 from lnkit import stage
-from lnkit.checkpoints import load_model, names_stage, require, save_model, stage_dir
+from lnkit.checkpoints import load_model, names_stage, require, save_model, stage_dir, stage_named
 from lnkit.data.splits import first_per_domain, load_split
 from lnkit.data.tasks import DOMAINS
 from lnkit.eval import evaluate, save_results, summarize
@@ -125,12 +124,8 @@ def student_name(entry: str) -> str:
 
 def needs(p: Params) -> list[str]:
     """The earlier stages this stage reads: the parent, and the stages its students name."""
-    out = ["00_parent"]
-    for entry in p.students:
-        first = "03_ffn_fusion" if entry == UNFUSED else Path(entry.strip()).parts[0]
-        if re.fullmatch(r"\d\d_\w+", first) and first not in out:  # a stage name, not a model folder
-            out.append(first)
-    return out
+    named = ("03_ffn_fusion" if entry == UNFUSED else stage_named(entry) for entry in p.students)
+    return list(dict.fromkeys(["00_parent", *filter(None, named)]))
 
 
 def run(p: Params) -> dict:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lnkit import stage
-from lnkit.checkpoints import load_model, model_dir, names_stage, save_model, stage_dir
+from lnkit.checkpoints import load_model, model_dir, save_model, stage_dir, stage_named
 from lnkit.data.released import load_rows
 from lnkit.data.splits import first_per_domain, load_split
 from lnkit.eval import evaluate, save_results, summarize
@@ -85,11 +85,7 @@ class Params(RunParams):
 
 def needs(p: Params) -> list[str]:
     """The earlier stages this stage reads: the world's, the student's and the data's."""
-    out = ["00_parent"]
-    for spec in (p.init, p.data):
-        if names_stage(p.run_dir, spec) and spec not in out:
-            out.append(spec)
-    return out
+    return list(dict.fromkeys(["00_parent", *filter(None, map(stage_named, (p.init, p.data)))]))
 
 
 def run(p: Params) -> dict:
