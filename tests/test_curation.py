@@ -209,6 +209,17 @@ def test_unknown_system_prompt_is_an_error_naming_the_line(tmp_path, small_split
         load_rows(path)
 
 
+def test_a_row_that_is_not_utf8_is_skipped_counted_and_named(tmp_path, small_splits):
+    it = small_splits["train"][0]
+    path = tmp_path / "mixed.jsonl"
+    write_rows([item_row(it, "on"), item_row(it, "off")], path)
+    good = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(good[0] + b'{"input": "caf\xe9"}\n' + good[1])
+    with pytest.warns(UserWarning, match=r"mixed\.jsonl line 2: not UTF-8 text \(byte \d+\); row skipped"):
+        rows, skipped = load_rows(path)
+    assert len(rows) == 2 and skipped == {"not UTF-8 text": 1}
+
+
 # ---------------------------------------------------------------- the stage
 def _tiny_run(tmp_path, world, small_splits, tok, tiny_llama):
     from lnkit.checkpoints import save_model

@@ -30,6 +30,10 @@ BASE = {"run": "t", "run_dir": "runs/t", "stages": {"00_parent": {}}}
     ({"progress": "yes"}, "parameter progress='yes' has type str, expected bool"),
     ({"hidden_size": 30, "num_heads": 4}, "hidden_size=30 is not divisible by num_heads=4"),
     ({"parent_checkpoint": "/no/such/llama"}, "parent_checkpoint='/no/such/llama' is not a folder"),
+    ({"lr": float("nan")}, "parameter lr=nan is not a finite number"),
+    ({"doc_fraction": float("inf")}, "parameter doc_fraction=inf is not a finite number"),
+    ({"eval_modes": []}, "parameter eval_modes=[] is empty; allowed: one of ['off', 'on']"),
+    ({"math_level_weights": [1.0, "2", 1.0, 1.0, 1.0]}, "holds '2' (item 1) of type str, expected float"),
 ])
 def test_bad_parameters_name_stage_field_and_allowed_values(tmp_path, stage_params, message):
     path = write(tmp_path, {**BASE, "stages": {"00_parent": stage_params}})
@@ -44,11 +48,31 @@ def test_bad_parameters_name_stage_field_and_allowed_values(tmp_path, stage_para
     ({k: v for k, v in BASE.items() if k != "run_dir"}, "missing required key 'run_dir'"),
     ({**BASE, "extra": 1}, "unknown top-level key(s) ['extra']"),
     ({**BASE, "stages": {}}, "'stages' must map stage names"),
+    ({**BASE, "run_dir": 5}, "run_dir=5 must be a folder path"),
+    ({**BASE, "run_dir": None}, "run_dir=None must be a folder path"),
+    ({**BASE, "run_dir": ""}, "run_dir='' must be a folder path"),
+    ({**BASE, "shared": [1, 2]}, "'shared' must map parameter names to values, not [1, 2]"),
+    ({**BASE, "shared": {5: 1}}, "shared: 5 is not a parameter name"),
+    ({**BASE, "stages": {"00_parent": {7: 1}}}, "stage 00_parent: 7 is not a parameter name"),
+    ({**BASE, "run": "/abs/run"}, "run='/abs/run' must be a plain name"),
+    ({**BASE, "run": "a/../../b"}, "run='a/../../b' must be a plain name"),
+    ({**BASE, "run": ".."}, "run='..' must be a plain name"),
+    ({**BASE, "stages": {"02_architecture_search": {"budgets": []}}}, "budgets=[] is empty"),
+    ({**BASE, "stages": {"02_architecture_search": {"budgets": [1.0]}}}, "holds no budget below 1.0"),
 ])
 def test_bad_run_files(tmp_path, spec, message):
     with pytest.raises(RunError, match=None) as e:
         load_run(write(tmp_path, spec))
     assert message in str(e.value)
+
+
+def test_a_run_file_that_is_not_text_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"run: t\nrun_dir: runs/t\n\xff\xfe\x00stages: {}\n")
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: run file {path} is not UTF-8 text (byte 23") and err.count("\n") == 1
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["binary.yaml"]
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):

@@ -253,3 +253,15 @@ def test_ctrl_c_stops_the_stage_and_the_table_says_interrupted(stage_dirs):
     assert proc.returncode == 130, "".join(lines) + rest
     table = rest.splitlines()[-2:]
     assert table[0].startswith("t_slow   interrupted") and table[1].startswith("t_after  not run"), rest
+
+
+def test_a_kernel_that_dies_is_one_line_naming_the_stage_cause_and_resume(stage_dirs, capsys):
+    nbformat.write(notebook("import os, signal", "os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would"),
+                   stage_dirs / "notebooks" / "t_oom.ipynb")
+    with pytest.raises(runs.RunError) as e:
+        runs.run_stage("t_oom", TParams(run_dir=str(stage_dirs / "run")), "r")
+    message = str(e.value)
+    assert message.startswith("stage t_oom: the kernel died running notebook") and "\n" not in message
+    assert "lack of memory" in message and "resumes from its last checkpoint" in message
+    assert LEDGER.stages["t_oom"][0] == "failed"
+    LEDGER.stages.clear()

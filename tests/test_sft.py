@@ -133,3 +133,19 @@ def test_missing_inputs_are_named(tmp_path, small_splits, tok, tiny_llama):
         _params(run, schedule="three-stage")
     with pytest.raises(ParamError, match="stage_fractions"):
         _params(run, stage_fractions=[0.5, 0.5, 0.5])
+
+
+def test_a_corrupt_input_is_named_before_training_and_nothing_is_written(tmp_path, small_splits, tok, tiny_llama):
+    from lnkit.io import ArtifactError
+    from lnkit.stages import sft
+
+    run, _ = _tiny_run(tmp_path, small_splits, tok, tiny_llama)
+    (run / "05_reasoning_data" / "_COMPLETE.json").write_text("{}")
+    bad = run / "00_parent" / "eval_summary.json"
+    bad.write_text('[{"mode": "off", "domain": ')  # cut short, as by a full disk
+    with pytest.raises(ArtifactError, match=rf"{bad} is not valid JSON .*rerun the stage that wrote it"):
+        sft.run(_params(run))
+    assert not (run / "06_reasoning_sft").exists()
+    bad.write_bytes(b"[\xff]")
+    with pytest.raises(ArtifactError, match="is not valid JSON"):
+        sft.run(_params(run))

@@ -62,6 +62,26 @@ def atomic_path(path: str | Path):
         raise
 
 
+class ArtifactError(ValueError):
+    """An artifact a stage reads is unreadable (corrupt JSON, not UTF-8)."""
+
+
+def read_json(path: str | Path):
+    """A JSON artifact; a corrupt one is an :class:`ArtifactError` naming the file, not a parser traceback.
+
+    >>> import tempfile, os
+    >>> f = os.path.join(tempfile.mkdtemp(), "m.json"); _ = open(f, "w").write('{"a": ')
+    >>> read_json(f)
+    Traceback (most recent call last):
+    lnkit.io.ArtifactError: .../m.json is not valid JSON (Expecting value: line 1 column 7 (char 6)); rerun the stage that wrote it
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); rerun the stage that wrote it") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -19,9 +20,9 @@ class ParamError(ValueError):
     """A run parameter is unknown, mistyped or out of range."""
 
 
-def param(default, help: str, *, lo=None, hi=None, choices=None):
-    """A documented dataclass field with its allowed values."""
-    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices}
+def param(default, help: str, *, lo=None, hi=None, choices=None, min_items=None):
+    """A documented dataclass field with its allowed values (``min_items``: the fewest a list may hold)."""
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "min_items": min_items}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
     return field(default=default, metadata=meta)
@@ -31,7 +32,7 @@ def _allowed(f: dataclasses.Field) -> str:
     m = f.metadata
     if m.get("choices") is not None:
         return f"one of {list(m['choices'])}"
-    parts = []
+    parts = [f"at least {m['min_items']} item(s)"] if m.get("min_items") else []
     if m.get("lo") is not None:
         parts.append(f">= {m['lo']}")
     if m.get("hi") is not None:
@@ -60,6 +61,32 @@ def _check_type(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_problem(value, tp) -> str:
+    """What is wrong with ``value``'s type, down to the first bad element of a list or mapping.
+
+    >>> _type_problem([0.5, "a"], list[float])
+    "holds 'a' (item 1) of type str, expected float"
+    >>> _type_problem("ten", int)
+    'has type str, expected int'
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        for i, x in enumerate(value):
+            if not _check_type(x, args[0]):
+                return f"holds {x!r} (item {i}) of type {type(x).__name__}, expected {_name(args[0])}"
+    if origin is dict and isinstance(value, dict) and args:
+        for k, x in value.items():
+            if not _check_type(k, args[0]):
+                return f"has the key {k!r} of type {type(k).__name__}, expected {_name(args[0])}"
+            if not _check_type(x, args[1]):
+                return f"maps {k!r} to {x!r} of type {type(x).__name__}, expected {_name(args[1])}"
+    return f"has type {type(value).__name__}, expected {_name(tp)}"
+
+
 @dataclass
 class StageParams:
     """Base of every stage's parameters. ``STAGE`` names the stage in error messages."""
@@ -71,13 +98,16 @@ class StageParams:
         for f in fields(self):
             v = getattr(self, f.name)
             if not _check_type(v, hints[f.name]):
-                raise ParamError(
-                    f"stage {self.STAGE}: parameter {f.name}={v!r} has type {type(v).__name__}, "
-                    f"expected {getattr(hints[f.name], '__name__', hints[f.name])} ({_allowed(f)})"
-                )
+                raise ParamError(f"stage {self.STAGE}: parameter {f.name}={v!r} {_type_problem(v, hints[f.name])} "
+                                 f"({_allowed(f)})")
             m = f.metadata
-            vals = v if isinstance(v, (list, tuple)) else [v]
+            vals = list(v.values()) if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+            if m.get("min_items") and len(vals) < m["min_items"]:
+                raise ParamError(f"stage {self.STAGE}: parameter {f.name}={v!r} is empty; allowed: {_allowed(f)}")
             for x in vals:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ParamError(f"stage {self.STAGE}: parameter {f.name}={v!r} is not a finite number; "
+                                     f"allowed: {_allowed(f)}")
                 bad = (m.get("choices") is not None and x not in m["choices"]) or (
                     isinstance(x, (int, float))
                     and ((m.get("lo") is not None and x < m["lo"]) or (m.get("hi") is not None and x > m["hi"]))

@@ -12,7 +12,6 @@ the function that reads that stage's files; :func:`draw` is what the notebooks c
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 
 from lnkit.data.tasks import DOMAINS
-from lnkit.io import atomic_path
+from lnkit.io import atomic_path, read_json
 
 
 def save(fig, *paths) -> None:
@@ -350,7 +349,7 @@ def layer_costs(rows: list[dict], phase: str = "decode", title: str = ""):
 
 
 def _json(path: Path):
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _csv(path: Path) -> list[dict]:

@@ -25,6 +25,7 @@ In a notebook, :func:`notebook_params` reads the same run file from the one para
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -77,7 +78,9 @@ def read_spec(path: str | Path) -> dict:
     if not path.is_file():
         raise RunError(f"run file {path} does not exist")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RunError(f"run file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     except yaml.YAMLError as e:
         raise RunError(f"run file {path} is not valid YAML: {e}") from None
     if not isinstance(spec, dict):
@@ -91,12 +94,36 @@ def read_spec(path: str | Path) -> dict:
     if not isinstance(spec["stages"], dict) or not spec["stages"]:
         raise RunError(f"run file {path}: 'stages' must map stage names to parameters")
     if not isinstance(spec.get("shared") or {}, dict):
-        raise RunError(f"run file {path}: 'shared' must map parameter names to values")
+        raise RunError(f"run file {path}: 'shared' must map parameter names to values, not {spec['shared']!r}")
+    check_run_name(spec["run"], path)
+    if not isinstance(spec["run_dir"], str) or not spec["run_dir"].strip():
+        # '' would resolve to the run file's folder and write the run into the checkout
+        raise RunError(f"run file {path}: run_dir={spec['run_dir']!r} must be a folder path (a non-empty string)")
+    _check_names(spec.get("shared") or {}, f"run file {path}: shared")
     for stage in spec["stages"]:
         params_class(stage)  # unknown stage -> RunError naming the known ones
         if not isinstance(spec["stages"][stage] or {}, dict):
             raise RunError(f"run file {path}: parameters of stage {stage} must be a mapping")
+        _check_names(spec["stages"][stage] or {}, f"run file {path}: stage {stage}")
     return spec
+
+
+def _check_names(values: dict, where: str) -> None:
+    bad = [k for k in values if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        raise RunError(f"{where}: {bad[0]!r} is not a parameter name")
+
+
+def check_run_name(run, path) -> None:
+    """A run's name becomes a folder under ``papermill_runs/output/``: a plain name, never a path.
+
+    >>> check_run_name("tiny-2", "f.yaml")
+    >>> check_run_name("../x", "f.yaml")
+    Traceback (most recent call last):
+    lnkit.runs.RunError: run file f.yaml: run='../x' must be a plain name (letters, digits, '.', '_', '-'), not a path
+    """
+    if not isinstance(run, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run) or ".." in run:
+        raise RunError(f"run file {path}: run={run!r} must be a plain name (letters, digits, '.', '_', '-'), not a path")
 
 
 def stage_values(spec: dict, stage: str, base: Path) -> dict:
@@ -234,8 +261,9 @@ def run_stage(name: str, p: StageParams, run: str, log=print, run_file: str | Pa
         raise RunError(f"stage {name} failed in notebook {out}, cell {e.cell_index} "
                        f"(execution count {e.exec_count}): {e.ename}: {e.evalue}") from None
     except DeadKernelError as e:
-        raise RunError(f"stage {name}: the kernel died running notebook {out} ({e}); "
-                       "was it killed for lack of memory?") from None
+        raise RunError(f"stage {name}: the kernel died running notebook {out} ({str(e).splitlines()[0] if str(e) else e!r}); "
+                       "likely killed for lack of memory. Rerun the same command: the stage resumes from its "
+                       "last checkpoint") from None
     except KeyboardInterrupt:
         status = "interrupted"
         raise

@@ -29,6 +29,7 @@ silently drop a whole data set and defaulting would train the wrong mode, the sa
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -132,8 +133,14 @@ def load_rows(path: str | Path) -> tuple[list[dict], Counter]:
     """Read a released-schema JSON-lines file. Returns the usable rows and a count of skipped lines by
     reason; raises :class:`SchemaError` for an unknown system prompt (see the module docstring)."""
     rows, skipped = [], Counter()
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # a damaged row: skipped and counted, its place named
+                skipped["not UTF-8 text"] += 1
+                warnings.warn(f"{path} line {i}: not UTF-8 text (byte {e.start}); row skipped", stacklevel=2)
+                continue
             if not line.strip():
                 continue
             try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from lnkit.data.chat import split_response
 from lnkit.data.released import make_row, write_rows
 from lnkit.data.splits import load_split, load_world, make_split
 from lnkit.data.tasks import DOMAINS
-from lnkit.io import atomic_write_json, atomic_write_text
+from lnkit.io import atomic_write_json, atomic_write_text, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.verify import check
 
@@ -144,7 +143,7 @@ def off_pass_rates(P: Params) -> dict[str, float]:
     path = stage_dir(P.run_dir, P.off_model) / "eval_summary.json"
     if P.off_model == "reference" or not path.is_file():
         return {}
-    rows = [s for s in json.loads(path.read_text()) if s["mode"] == "off" and s["domain"] in DOMAINS]
+    rows = [s for s in read_json(path) if s["mode"] == "off" and s["domain"] in DOMAINS]
     out = {}
     for d in DOMAINS:
         levels = {int(s["difficulty"]): s["accuracy"] for s in rows if s["domain"] == d}

@@ -35,7 +35,7 @@ from lnkit.data.splits import first_per_domain, load_split
 from lnkit.data.tasks import DOMAINS
 from lnkit.eval import evaluate, save_results, summarize
 from lnkit.generate import decode_throughput
-from lnkit.io import atomic_write_json, folder_digest
+from lnkit.io import atomic_write_json, folder_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.puzzle.library import as_nas
 from lnkit.train.batches import PackedBatcher
@@ -177,7 +177,7 @@ def resolve_student(run_dir: str | Path, entry: str) -> Path:
 
 def parent_mix_of(run_dir: str | Path, tok) -> list:
     """The parent's training mix as stage 00 drew it (its seed and ``doc_fraction``, from its ``params.json``)."""
-    d = json.loads((stage_dir(run_dir, "00_parent") / "params.json").read_text())["params"]
+    d = read_json(stage_dir(run_dir, "00_parent") / "params.json")["params"]
     return parent_mix(run_dir, tok, d["seed"], d["doc_fraction"])
 
 

@@ -65,7 +65,7 @@ class Params(RunParams):
     warmup: int = param(50, "warmup steps", lo=0)
     doc_fraction: float = param(0.2, "share of training sequences that are pretraining documents", lo=0.0, hi=0.9)
     # --- evaluation
-    eval_modes: list[str] = param(["off", "on"], "modes to evaluate", choices=["off", "on"])
+    eval_modes: list[str] = param(["off", "on"], "modes to evaluate", choices=["off", "on"], min_items=1)
     eval_k: int = param(1, "samples per prompt with thinking on (pass@1 averaged over them)", lo=1, hi=64)
     eval_max_new_tokens: int = param(64, "generation limit per answer", lo=1)
 

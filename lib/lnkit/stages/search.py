@@ -56,7 +56,8 @@ class Params(RunParams):
     batch_size: int = param(16, "decode batch for costs and throughput", lo=1)
     prompt_len: int = param(64, "prompt tokens before decoding", lo=1)
     decode_len: int = param(32, "decoded tokens (costs at the mean context)", lo=1)
-    budgets: list[float] = param([0.8, 0.65, 0.5, 0.4, 0.3], "decode-time budgets as fractions of the parent's", lo=0.01, hi=1.0)
+    budgets: list[float] = param([0.8, 0.65, 0.5, 0.4, 0.3], "decode-time budgets as fractions of the parent's", lo=0.01, hi=1.0,
+                                 min_items=1)
     memory_budget: float = param(0.0, "cap on weights + KV cache as a fraction of the parent's (0: none)", lo=0.0, hi=1.0)
     param_budget: float = param(0.0, "cap on parameters in the layers as a fraction of the parent's (0: none)", lo=0.0, hi=1.0)
     max_attention_layers: int = param(-1, "cap on attention layers (-1: none)", lo=-1)
@@ -69,6 +70,9 @@ class Params(RunParams):
     timing_repeats: int = param(5, "repeats for throughput (median)", lo=1)
 
     def check(self):
+        if not any(b < 1.0 for b in self.budgets):
+            raise ParamError(f"stage {self.STAGE}: parameter budgets={self.budgets} holds no budget below 1.0: the "
+                             "sweep would assemble no child (stage 03 fuses one of them)")
         if self.cost_source == "analytic" and self.gpu not in GPUS:
             raise ParamError(f"stage {self.STAGE}: gpu={self.gpu!r} is not in the catalogue; known: {sorted(GPUS)}")
 

@@ -20,7 +20,6 @@ and the evaluation in both modes (``eval_rows.jsonl``, ``eval_summary.{csv,json}
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from lnkit.checkpoints import load_model, model_dir, save_model, stage_dir, stag
 from lnkit.data.released import load_rows
 from lnkit.data.splits import first_per_domain, load_split
 from lnkit.eval import evaluate, save_results, summarize
-from lnkit.io import file_digest
+from lnkit.io import file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.train.batches import PackedBatcher, encode_row
 from lnkit.train.loop import LoopConfig, train_loop
@@ -91,6 +90,7 @@ def needs(p: Params) -> list[str]:
 def run(p: Params) -> dict:
     """Train, then evaluate in both modes. Returns ``{"metrics", "log", "info", "rows", "summary", "items"}``."""
     stage.check_inputs(p, needs(p))
+    parent = parent_summary(p.run_dir)  # read before training: a corrupt file stops the stage now, not after it
     out = stage.start(p)
     model, tok, log, info = train_sft(p)
     items = eval_items(p)
@@ -98,7 +98,6 @@ def run(p: Params) -> dict:
                     seed=p.seed, progress=p.progress)
     summary = save_results(rows, out, "eval")          # by mode, domain and difficulty
     by_domain = summarize(rows, by=("mode", "domain"))  # by mode and domain, plus 'all'
-    parent = parent_summary(p.run_dir)
     acc = {f"{s['mode']}/{s['domain']}/{s['difficulty']}": s["accuracy"] for s in summary}
     acc.update({f"{s['mode']}/{s['domain']}/all": s["accuracy"] for s in by_domain})
     dom = {(s["mode"], s["domain"]): s for s in by_domain}
@@ -231,4 +230,4 @@ def eval_items(P: Params):
 def parent_summary(run_dir: str | Path) -> list[dict]:
     """The parent's evaluation summary (stage 00), or [] when it is not there."""
     p = stage_dir(run_dir, "00_parent") / "eval_summary.json"
-    return json.loads(p.read_text()) if p.exists() else []
+    return read_json(p) if p.exists() else []
