@@ -209,6 +209,22 @@ def test_unknown_system_prompt_is_an_error_naming_the_line(tmp_path, small_split
         load_rows(path)
 
 
+def test_the_first_releases_templated_input_loads_like_messages(tok):
+    """tests/fixtures/released_v1_sample.jsonl, written by hand after the public description of the v1
+    release: ``input`` one Llama-3-templated string ending with the assistant header, ``output`` ending
+    with <|eot_id|>; three good rows (system turn in the text or only in the field, one multi-turn) and two
+    damaged ones, skipped and counted by reason."""
+    rows, skipped = load_rows(FIXTURE.with_name("released_v1_sample.jsonl"))
+    assert skipped == {"input is a string but not the Llama-3 chat template (v1)": 1,
+                       "v1 system turn disagrees with system_prompt": 1}
+    assert [r["input"][-1]["content"] for r in rows] == ["What is 3 + 4?", "What is 5 - 2?", "What is 2 + 2?"]
+    assert [r["reasoning"] for r in rows] == ["on", "off", "off"] and not any("<|eot_id|>" in r["output"] for r in rows)
+    assert [m["role"] for m in rows[2]["input"]] == ["user", "assistant", "user"]
+    # the same example in the messages shape encodes to the same tokens
+    same = {**rows[0], "input": [{"role": "user", "content": "What is 3 + 4?"}]}
+    assert encode_row(tok, rows[0]) == encode_row(tok, same)
+
+
 def test_a_row_that_is_not_utf8_is_skipped_counted_and_named(tmp_path, small_splits):
     it = small_splits["train"][0]
     path = tmp_path / "mixed.jsonl"

@@ -15,6 +15,12 @@ Stage 05 writes its blend this way and stage 06 reads it back through :func:`loa
 :func:`lnkit.train.batches.encode_row`, so the same code trains on a downloaded release file. A single-turn row gives exactly
 the token ids and labels :func:`lnkit.train.batches.encode_item` gives the item it came from.
 
+The first release (v1, the files LN-Super and LN-Nano were trained on, and copies derived from them) has
+the other shape of ``input``: one string already rendered with the Llama-3 chat template
+(``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n...<|eot_id|>...``, ending with the
+assistant's header) and an ``output`` ending with ``<|eot_id|>``. :func:`untemplate` reads it back into
+messages (the system turn, when the text has one, must agree with ``system_prompt``), so both shapes load.
+
 Bad rows: a line that is not JSON, or a row with a missing or mistyped field, an empty conversation, a
 ``reasoning`` value other than on/off or one that disagrees with the system prompt, or an output whose
 think block does not match its mode, is skipped and counted
@@ -29,6 +35,7 @@ silently drop a whole data set and defaulting would train the wrong mode, the sa
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -77,6 +84,40 @@ def item_row(item, mode: str, generator: str = "reference-solver") -> dict:
 def write_rows(rows: list[dict], path: str | Path) -> None:
     """JSON lines, written atomically."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+_TURN = re.compile(re.escape(HDR_START) + r"(\w+)" + re.escape(HDR_END) + r"\n\n(.*?)(?:" + re.escape(EOT) + r"|$)",
+                   re.DOTALL)
+
+
+def untemplate(row: dict) -> tuple[dict, str]:
+    """A v1 row (``input`` one chat-templated string) as a row of messages, and '' ; or the row and why
+    it cannot be read. The trailing assistant header goes, ``output`` loses its ``<|eot_id|>``, and a
+    system turn in the text fills a missing ``system_prompt`` (or must agree with it).
+
+    >>> v1 = {"input": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\ndetailed thinking off"
+    ...       "<|eot_id|><|start_header_id|>user<|end_header_id|>\\n\\n2 + 2?<|eot_id|>"
+    ...       "<|start_header_id|>assistant<|end_header_id|>\\n\\n", "output": "The answer is 4.<|eot_id|>"}
+    >>> row, why = untemplate(v1)
+    >>> row["input"], row["output"], row["system_prompt"], why
+    ([{'role': 'user', 'content': '2 + 2?'}], 'The answer is 4.', 'detailed thinking off', '')
+    """
+    text = row["input"].removeprefix(BOS)
+    turns = _TURN.findall(text)
+    if not turns or not text.startswith(HDR_START):
+        return row, "input is a string but not the Llama-3 chat template (v1)"
+    if turns[-1][0] == "assistant" and not turns[-1][1].strip():
+        turns = turns[:-1]  # the header the answer follows
+    system = [c.strip() for r, c in turns if r == "system"]
+    sp = row.get("system_prompt")
+    if system and isinstance(sp, str) and sp.strip() and sp.strip() != system[0]:
+        return row, "v1 system turn disagrees with system_prompt"
+    out = row.get("output")
+    row = {**row, "input": [{"role": r, "content": c} for r, c in turns if r != "system"],
+           "output": out.removesuffix(EOT).rstrip() if isinstance(out, str) else out}
+    if system and not (isinstance(sp, str) and sp.strip()):
+        row["system_prompt"] = system[0]
+    return row, ""
 
 
 def row_problem(row) -> str:
@@ -148,6 +189,11 @@ def load_rows(path: str | Path) -> tuple[list[dict], Counter]:
             except json.JSONDecodeError:
                 skipped["not valid JSON"] += 1
                 continue
+            if isinstance(row, dict) and isinstance(row.get("input"), str):  # the first release's shape
+                row, why = untemplate(row)
+                if why:
+                    skipped[why] += 1
+                    continue
             problem = row_problem(row)
             if problem:
                 skipped[problem.split(" (")[0]] += 1
