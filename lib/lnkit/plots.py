@@ -348,34 +348,29 @@ def layer_costs(rows: list[dict], phase: str = "decode", title: str = ""):
 # ----------------------------------------------------------------------------- figures from a run's files
 
 
-def _json(path: Path):
-    return read_json(path)
-
-
 def _csv(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
 def _fusion(d: Path, which: str):
-    r = _json(d / "result.json")
+    r = read_json(d / "result.json")
     if which == "dependency":
-        return dependency(r["dependencies"], r["groups"], r["threshold"] if "threshold" in r else
-                          _json(d / "groups.json")["threshold"])
+        return dependency(r["dependencies"], r["groups"], read_json(d / "groups.json")["threshold"])
     return before_after(r["architecture_before"], r["architecture_after"],
                         f"{r['child']}: FFN width as % of the parent's; fused groups {r['fused_groups']}")
 
 
 def _students(d: Path):
-    mode = _json(d / "params.json")["params"]["mode"]
+    mode = read_json(d / "params.json")["params"]["mode"]
     logs = {row["model"]: d / "students" / row["model"] / "train_log.csv"
-            for row in _json(d / "table.json") if row["phase"] == "after"}
+            for row in read_json(d / "table.json") if row["phase"] == "after"}
     return student_losses(logs, f"stage 04: {mode} loss per student")
 
 
 def _sft_on_off(d: Path):
     parent = d.parent / "00_parent" / "eval_summary.json"
-    return on_vs_off(_json(d / "eval_summary.json"), _json(parent) if parent.is_file() else [])
+    return on_vs_off(read_json(d / "eval_summary.json"), read_json(parent) if parent.is_file() else [])
 
 
 # figure name (its file in figures/) -> (stage, file name in the stage folder, draw(stage folder) -> figure)
@@ -383,23 +378,23 @@ FIGURES = {
     "00_parent_loss": ("00_parent", "loss.png",
                        lambda d: loss_curve(d / "train_log.csv", "stage 00: parent training loss")),
     "00_parent_accuracy": ("00_parent", "accuracy.png", lambda d: accuracy_by_difficulty(
-        _json(d / "eval_summary.json"), "stage 00: parent accuracy (pass@1)")),
+        read_json(d / "eval_summary.json"), "stage 00: parent accuracy (pass@1)")),
     "01_block_library_losses": ("01_block_library", "library_losses.png", lambda d: library_losses(
         _csv(d / "losses.csv"), "stage 01: block library, loss before and after BLD")),
     "02_frontier": ("02_architecture_search", "frontier.png", lambda d: frontier(
-        _json(d / "frontier.json"), "stage 02: Puzzle children vs naive baselines (before distillation)")),
+        read_json(d / "frontier.json"), "stage 02: Puzzle children vs naive baselines (before distillation)")),
     "03_ffn_fusion_dependency": ("03_ffn_fusion", "dependency.png", lambda d: _fusion(d, "dependency")),
     "03_ffn_fusion_architecture": ("03_ffn_fusion", "architecture.png", lambda d: _fusion(d, "architecture")),
     "04_distillation_loss": ("04_distillation", "loss.png", _students),
     "04_distillation_table": ("04_distillation", "table.png", lambda d: distillation_table(
-        _json(d / "table.json"), "stage 04: accuracy per domain, parent vs students before and after")),
+        read_json(d / "table.json"), "stage 04: accuracy per domain, parent vs students before and after")),
     "05_curation_funnel": ("05_reasoning_data", "curation_funnel.png",
-                           lambda d: curation_report(_json(d / "report.json"))),
+                           lambda d: curation_report(read_json(d / "report.json"))),
     "06_sft_loss": ("06_reasoning_sft", "loss.png",
                     lambda d: loss_curve(d / "train_log.csv", "stage 06: SFT loss (assistant tokens)")),
     "06_sft_on_vs_off": ("06_reasoning_sft", "on_vs_off.png", _sft_on_off),
     "06_sft_accuracy": ("06_reasoning_sft", "accuracy.png", lambda d: accuracy_by_difficulty(
-        _json(d / "eval_summary.json"), "stage 06: SFT student, pass@1 by domain")),
+        read_json(d / "eval_summary.json"), "stage 06: SFT student, pass@1 by domain")),
 }
 
 

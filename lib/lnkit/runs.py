@@ -37,7 +37,7 @@ from lnkit import runview
 from lnkit.checkpoints import StageNotComplete
 from lnkit.io import atomic_write_text
 from lnkit.params import ParamError, StageParams
-from lnkit.stage import MARKER, is_complete, missing_input
+from lnkit.stage import MARKER, check_inputs, is_complete
 from lnkit.stages import PIPELINE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,10 +219,10 @@ def notebook_params(module, ns: dict) -> StageParams:
         if f.name in ns and ns[f.name] != default:  # changed in the cell (or injected by papermill)
             values[f.name] = ns[f.name]
     p = cls.from_dict(values)
-    missing = missing_input(p, module.needs(p))
-    if missing is not None:
-        raise NotebookInputMissing(f"stage {cls.STAGE} reads stage {missing}, which has not completed in "
-                                   f"{p.run_dir}. Run it first: {_command(run_file, missing)}")
+    try:
+        check_inputs(p, module.needs(p), lambda stage: _command(run_file, stage))
+    except StageNotComplete as e:
+        raise NotebookInputMissing(str(e)) from None
     return p
 
 

@@ -38,12 +38,13 @@ def missing_input(p: StageParams, needs: list[str]) -> str | None:
     return next((need for need in needs if not (stage_dir(p.run_dir, need) / MARKER).is_file()), None)
 
 
-def check_inputs(p: StageParams, needs: list[str], command: str = "") -> None:
+def check_inputs(p: StageParams, needs: list[str], command_for=None) -> None:
     """Raise :class:`~lnkit.checkpoints.StageNotComplete` naming the first of the earlier stages ``needs``
-    that has not completed in ``p.run_dir``, and the command that runs it; write nothing."""
+    that has not completed in ``p.run_dir``, and the command that runs it (``command_for(stage)`` when
+    given: the runner knows the run file); write nothing."""
     need = missing_input(p, needs)
     if need is not None:
-        how = command or f"python -m lnkit.runs <run file> --until {need}"
+        how = command_for(need) if command_for else f"python -m lnkit.runs <run file> --until {need}"
         raise StageNotComplete(f"stage {p.STAGE} reads stage {need}, which has not completed in {p.run_dir}. "
                                f"Run it first: {how}")
 
