@@ -2,8 +2,8 @@
 
 Code verifiers (:func:`lnkit.verify.verify_code`) and RL rewards run thousands of tiny programs written by a
 model that is being optimised to make them pass; some will loop, allocate, fork, print without end, poke at
-files or the network, or print a fake verdict. Each run costs one fresh interpreter plus two forks (about
-30-40 ms on a 2-core CPU), so a verdict stays cheap.
+files or the network, or print a fake verdict. Each run costs one fresh interpreter, two forks and a
+few dozen mounts (about 85 ms on a 2-core CPU as root, 45 ms without the own root), so a verdict stays cheap.
 
 What runs where: this module is the API (limits, result, the two entry points, input checks) and holds
 no machinery. ``host.py`` runs in the caller's process: it leases the uid, starts the child, feeds and reads
@@ -36,40 +36,55 @@ Defence layers, outermost first (the OS ones are the wall, the audit hook is a s
 3. **A clean process image**: ``python -I -S -B`` (no site, no user dirs, no ``PYTHON*`` variables) from the
    real base interpreter, so no virtualenv packages, stdlib only; ``env`` holds only ``LC_ALL``, ``HOME`` and
    ``TMPDIR`` (the parent's variables never reach the child); a fresh working directory, removed afterwards.
-4. **Namespaces and a private uid, when the parent is root** (these machines and CI). Before any user code
-   the child (``child.py``) enters new namespaces: *network* (only a down loopback: no connection to anything,
-   loopback included); *mount*, in which every mount is re-mounted read-only, the working directory is a
-   small private tmpfs and ``/proc`` shows only the sandbox; *PID*, where an init reaps and, when the user
-   process dies, the kernel kills everything left, forked or ``setsid`` or not. Then ``PR_SET_NO_NEW_PRIVS``
-   and a drop to a uid/gid of its own (one of ``host._UID_SLOTS`` uids from ``host._UID_BASE``, leased with ``flock``
-   so concurrent runs never share one): that is what makes ``RLIMIT_NPROC`` mean "this run" (root ignores
-   it, and a shared ``nobody`` would count every other sandbox and daemon) and makes "kill every process of
-   the uid" safe. If the interpreter lives where strangers cannot enter (pyenv under ``/root`` here), a tmpfs
-   is laid over that directory in the mount namespace with the interpreter's prefix bound back into it,
-   which also hides the rest.
+4. **Namespaces, a root of its own, a memory cgroup and a private uid, when the parent is root** (these
+   machines and CI). Before any user code the child (``child.py``) joins a memory cgroup the host made for
+   the run (:mod:`lnkit.sandbox.memcg`: it counts everything the run holds, memfd and tmpfs files, SysV
+   segments and pipes included, not only the address space; a run it kills reads "memory") and enters new
+   namespaces: *network* (only a down loopback: no connection to anything, loopback and abstract Unix
+   sockets included); *IPC* (SysV segments and queues of its own, small ``shmmax``/``shmall``, all gone
+   with the run); *mount*, in which it pivots into a root of its own (:mod:`lnkit.sandbox.rootfs`): a
+   read-only tmpfs holding only the interpreter's ``sys.path``, the shared libraries its modules link,
+   four character devices and a working directory that is a small private tmpfs mounted ``noexec``; the
+   host's root is detached, so no host path (``/proc/self/root/...``, ``/proc/<pid>/root``, ``..``, a
+   symlink, a host Unix socket) exists in any spelling, and without an ELF interpreter in it no program can
+   be executed; *PID*, with a ``/proc`` of its own, memfds sealed non-executable for the namespace
+   (``vm.memfd_noexec=2``), and an init that reaps and, when the user process dies, the kernel kills
+   everything left, forked or ``setsid`` or not. Then ``PR_SET_NO_NEW_PRIVS`` and a drop to a uid/gid of
+   its own (one of ``host._UID_SLOTS`` uids from ``host._UID_BASE``, leased with ``flock`` so concurrent
+   runs never share one): that is what makes ``RLIMIT_NPROC`` mean "this run" (root ignores it, and a
+   shared ``nobody`` would count every other sandbox and daemon) and makes "kill every process of the uid"
+   safe.
 5. **An audit hook** (``sys.addaudithook``) installed before user code, denying: sockets; ``subprocess``,
    ``os.system``, ``os.exec*``, ``os.fork``, ``os.posix_spawn``, ``os.kill``; ``ctypes`` and the modules
    that reach raw memory or fork (``_posixsubprocess``, ``_xxsubinterpreters``, ``_test*``); writes, renames,
-   removals, ``chmod`` and links outside the working directory; reads outside the interpreter, ``/usr``,
-   ``/lib``, ``/etc``, ``/dev``, the process's own ``/proc`` entry and the working directory; ``setrlimit``;
-   swapping a function's ``__code__``. Audit hooks are bypassable in theory (crafted bytecode, ``dir_fd``
-   tricks, calls that raise no event such as ``os.mkfifo`` or ``signal.pidfd_send_signal``), which is why
-   they sit behind the OS layers.
+   removals, ``chmod`` and links outside the working directory; reads and directory listings outside the
+   interpreter, ``/usr``, ``/lib``, ``/etc``, ``/dev``, the process's own ``/proc`` entry and the working
+   directory, with paths resolved as the kernel resolves them (symlinks followed: ``/dev/fd/../root`` is
+   the host's ``/``) and the ``/proc`` entries that are doors to other paths (``root``, ``cwd``, ``exe``,
+   ``fd``, ``map_files``) closed; ``setrlimit``; swapping a function's ``__code__``. Audit hooks are
+   bypassable in theory (crafted bytecode, calls that raise no event such as ``os.mkfifo`` or
+   ``signal.pidfd_send_signal``), which is why they sit behind the OS layers.
+
+The parent also bounds what it parses: a checked function's value whose ``repr`` is longer than
+``SandboxLimits.result_bytes`` fails its case unparsed, so a huge return value costs the verifier nothing.
 
 **When not root**, layer 4 shrinks to what an unprivileged process can do. The child tries an
 unprivileged user namespace with new network and PID namespaces (kernels that allow it, most do: no
-network, and the kill-everything-on-exit holds); the rest is weaker. The child keeps the caller's uid, so
-``RLIMIT_NPROC`` is set to the uid's current task count plus ``nproc`` (it counts the caller's other
-processes too); the filesystem is as writable and readable as it is for the caller, guarded only by the
-audit hook, with ``RLIMIT_FSIZE`` bounding each file but not their number; other processes of the uid could
-be signalled or read through ``/proc`` if the hook were bypassed; there is no sweep by uid (it would kill
-the caller), and without a PID namespace a process that calls ``setsid`` escapes the group kill. Without
-``CAP_SYS_ADMIN`` as root (a default Docker container) the namespaces fail the same way while the uid drop
-still works (if strangers cannot read the interpreter, only modules already loaded can be imported).
-``SandboxResult.layers`` names the layers a run actually got.
+network, and the kill-everything-on-exit holds); the rest is weaker: no root of its own (the audit hook's
+path checks are the only wall around host files), no ``noexec`` working directory (a shared object the
+program writes could be imported as an extension module), no memory cgroup (the descriptor limit is cut
+so that memfd files, each at most ``file_mb``, total about ``memory_mb``). The child keeps the caller's
+uid, so ``RLIMIT_NPROC`` is set to the uid's current task count plus ``nproc`` (it counts the caller's
+other processes too); the filesystem is as writable and readable as it is for the caller, guarded only by
+the audit hook, with ``RLIMIT_FSIZE`` bounding each file but not their number; other processes of the uid
+could be signalled or read through ``/proc`` if the hook were bypassed; there is no sweep by uid (it would
+kill the caller), and without a PID namespace a process that calls ``setsid`` escapes the group kill.
+Without ``CAP_SYS_ADMIN`` as root (a default Docker container) the namespaces fail the same way while the
+uid drop still works (if strangers cannot read the interpreter, only modules already loaded can be
+imported). ``SandboxResult.layers`` names the layers a run actually got.
 
-Tests: ``pytest tests/test_sandbox.py`` (about 20 s on 2 cores; hostile programs, each wall alone, and
-``child.py`` run on its own to show it is standalone).
+Tests: ``pytest tests/test_sandbox.py tests/test_sandbox_host_isolation.py`` (about 30 s on 2 cores;
+hostile programs, each wall alone, and ``child.py`` run on its own to show it is standalone).
 """
 
 from __future__ import annotations
@@ -92,6 +107,8 @@ class SandboxLimits:
         count starts at zero: 32 leaves room for threads and still stops a fork bomb. Not root, the uid is
         the caller's and its current task count is added.
     output_bytes: bytes of stdout and of stderr kept; a stream that goes past it kills the run.
+    result_bytes: longest ``repr`` of one checked function's return value; a longer one fails its case
+        unparsed ("returned a value too large to report"), so the parent's cost of parsing stays bounded.
 
     >>> SandboxLimits(wall_s=2.0).cpu_s
     4
@@ -107,9 +124,10 @@ class SandboxLimits:
     file_mb: int = 8
     nproc: int = 32
     output_bytes: int = 65536
+    result_bytes: int = 65536
 
     def __post_init__(self):
-        for name in ("wall_s", "cpu_s", "memory_mb", "file_mb", "nproc", "output_bytes"):
+        for name in ("wall_s", "cpu_s", "memory_mb", "file_mb", "nproc", "output_bytes", "result_bytes"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {value!r}")

@@ -23,25 +23,26 @@ user code uses only names bound before it: locals and default arguments.
 
 
 def isolate(cfg):
-    """Namespaces, read-only mounts, a private tmpfs, no-new-privileges; returns the layers obtained.
+    """Namespaces, a root of its own, a memory cgroup, no-new-privileges; returns the layers obtained.
 
-    With a new PID namespace this process forks twice: it stays outside as a monitor that waits and passes
-    the exit status on; its child is pid 1 of the namespace, an init that only reaps; the grandchild returns
-    from here and runs the user code as an ordinary process (pid 1 would ignore SIGXCPU). When the user
-    process dies, init exits and the kernel kills and reaps everything left in the namespace, setsid or not.
+    As root: join the run's memory cgroup (made by the host), then new network, IPC, mount and PID
+    namespaces. In the mount namespace the child builds a root of its own on a tmpfs (:func:`own_root`) and
+    pivots into it, so no host path exists by any spelling (``/proc/self/root``, ``/proc/<pid>/root``,
+    ``..``, symlinks). With a new PID namespace this process forks twice: it stays outside as a monitor that
+    waits and passes the exit status on; its child is pid 1 of the namespace, an init that mounts the
+    namespace's own ``/proc``, forbids executable memfds for the namespace, then only reaps; the grandchild
+    returns from here and runs the user code as an ordinary process (pid 1 would ignore SIGXCPU). When the
+    user process dies, init exits and the kernel kills and reaps everything left in the namespace.
     """
     import _signal
-    import codecs
     import ctypes
     import gc
     import os
 
     libc = ctypes.CDLL(None, use_errno=True)
     clone_newns, clone_newnet, clone_newuser, clone_newpid = 0x00020000, 0x40000000, 0x10000000, 0x20000000
+    clone_newipc = 0x08000000
     ms_rdonly, ms_nosuid, ms_nodev, ms_noexec, ms_remount = 1, 2, 4, 8, 32
-    ms_bind, ms_rec, ms_private = 4096, 16384, 1 << 18
-    keep = {"nosuid": ms_nosuid, "nodev": ms_nodev, "noexec": ms_noexec, "noatime": 1024, "nodiratime": 2048}
-    keep["relatime"] = 1 << 21
     layers = []
 
     def mount(src, dst, fstype, flags, data):
@@ -51,6 +52,10 @@ def isolate(cfg):
         if libc.mount(b(src), b(dst), b(fstype), ctypes.c_ulong(flags), b(data)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"sandbox setup: mount {src} on {dst}: {os.strerror(err)}")
+
+    def write(path, text):
+        with open(path, "w") as f:
+            f.write(text)
 
     zero = ctypes.c_ulong(0)
 
@@ -75,8 +80,15 @@ def isolate(cfg):
             os._exit(os.WEXITSTATUS(status))
         os.close(status_r)
         die_with_parent()
-        if mount_proc:  # a /proc of our own: the host's processes (and their command lines) disappear
-            mount("proc", "/proc", "proc", ms_nosuid | ms_nodev | ms_noexec | ms_rdonly, None)
+        if mount_proc:  # a /proc of our own: the host's processes (and their roots) do not exist here
+            mount("proc", "/proc", "proc", ms_nosuid | ms_nodev | ms_noexec, None)
+            # per PID namespace (Linux 6.3+): memfds are created sealed non-executable and MFD_EXEC is refused
+            try:
+                write("/proc/sys/vm/memfd_noexec", "2")
+                layers.append("memfd-noexec")
+            except OSError:
+                pass
+            mount(None, "/proc", None, ms_remount | ms_rdonly | ms_nosuid | ms_nodev | ms_noexec, None)
             layers.append("proc")
         user = os.fork()
         if user == 0:
@@ -104,54 +116,27 @@ def isolate(cfg):
         gc.collect()
         return layers
 
+    if cfg["cgroup"] is not None:  # before any fork: every process of the run is charged to it
+        write(cfg["cgroup"] + "/cgroup.procs", str(os.getpid()))
+        layers.append("memcg")
+    try:
+        write("/proc/self/oom_score_adj", "1000")  # under host memory pressure, die first
+    except OSError:
+        pass
     if libc.unshare(clone_newnet) == 0:
         layers.append("netns")
+    if libc.unshare(clone_newipc) == 0:  # SysV IPC and POSIX queues of its own, gone with the run
+        mb = 1 << 20
+        write("/proc/sys/kernel/shmmax", str(cfg["file_mb"] * mb))  # the /proc still mounted is the host's,
+        write("/proc/sys/kernel/shmall", str(cfg["file_mb"] * mb // 4096))  # but these files are per IPC ns
+        write("/proc/sys/kernel/shmmni", "8")
+        layers.append("ipcns")
     mntns = libc.unshare(clone_newns) == 0
     if libc.unshare(clone_newpid) == 0:
         layers.append("pidns")
     if mntns:
-        workdir = cfg["workdir"]
-        mount(None, "/", None, ms_rec | ms_private, None)  # nothing below propagates back to the host
-        # the interpreter must stay reachable once we are a stranger: lay a tmpfs over the first directory
-        # strangers cannot enter (e.g. /root) and bind the interpreter's prefix back into it
-        for prefix in cfg["prefixes"]:
-            blocked, path = None, ""
-            for part in prefix.strip("/").split("/"):
-                path += "/" + part
-                if not os.stat(path).st_mode & 0o001:
-                    blocked = path
-                    break
-            if blocked is None:
-                continue
-            keep_fd = os.open(prefix, os.O_PATH | os.O_DIRECTORY)
-            mount("tmpfs", blocked, "tmpfs", ms_nosuid | ms_nodev, "mode=0755,size=64k,nr_inodes=256")
-            os.makedirs(prefix, exist_ok=True)
-            mount(f"/proc/self/fd/{keep_fd}", prefix, None, ms_bind | ms_rec, None)
-            os.close(keep_fd)
-        try:
-            with open("/proc/self/oom_score_adj", "w") as f:  # under host memory pressure, die first
-                f.write("1000")
-        except OSError:
-            pass
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split() for line in f]
-        readonly = True
-        for fields in mounts:
-            point = codecs.escape_decode(fields[4].encode())[0]
-            flags = ms_remount | ms_bind | ms_rdonly
-            for opt in fields[5].split(","):
-                flags |= keep.get(opt, 0)
-            try:
-                mount(None, point, None, flags, None)
-            except OSError:
-                readonly = readonly and point != b"/"
-        if readonly:
-            layers.append("readonly")
-        size_kb = 2 * cfg["file_mb"] * 1024
-        opts = f"size={size_kb}k,nr_inodes=4096,mode=0700,uid={cfg['uid']},gid={cfg['uid']}"
-        mount("tmpfs", workdir, "tmpfs", ms_nosuid | ms_nodev, opts)
-        os.chdir(workdir)
-        layers.append("mountns")
+        own_root(cfg, libc, mount)
+        layers += ["mountns", "ownroot", "readonly", "noexec"]
     if "pidns" in layers:
         enter_pidns(mount_proc=mntns)
     # PR_SET_NO_NEW_PRIVS: no setuid binary can hand root back, even if the audit hook is bypassed
@@ -162,18 +147,77 @@ def isolate(cfg):
     return layers
 
 
+def own_root(cfg, libc, mount):
+    """Pivot into a new root: a read-only tmpfs holding only what the interpreter needs, bound read-only from
+    the host (``cfg["root"]``, planned by ``host._root_plan``: its ``sys.path``, the shared libraries its
+    extension modules link, ``/etc/ld.so.cache``, four character devices), the interpreter's own
+    site-packages covered by an empty tmpfs, an empty ``/proc`` for the PID namespace's, and the working
+    directory: a small private tmpfs, ``noexec``. The old root is detached, so nothing else of the host is
+    reachable. No ELF interpreter (``ld-linux``) is bound: no dynamically linked program can be started."""
+    import os
+    import platform
+
+    ms_rdonly, ms_nosuid, ms_nodev, ms_noexec, ms_remount = 1, 2, 4, 8, 32
+    ms_bind, ms_rec, ms_private = 4096, 16384, 1 << 18
+    ro = ms_remount | ms_bind | ms_rdonly | ms_nosuid
+    workdir = cfg["workdir"]
+    mount(None, "/", None, ms_rec | ms_private, None)  # nothing below propagates back to the host
+    new = workdir  # any directory will do as the mount point of the new root; the host's workdir is ours
+    mount("tmpfs", new, "tmpfs", ms_nosuid | ms_nodev, "mode=0755,size=1m,nr_inodes=1024")
+    bound = []
+    for path, kind, target in cfg["root"]:
+        inside = new + path
+        if any(path.startswith(d + "/") for d in bound):
+            continue  # already visible through a bound directory; never create anything inside a bind
+        if kind == "link":
+            os.makedirs(os.path.dirname(inside), exist_ok=True)
+            os.symlink(target, inside)
+            continue
+        os.makedirs(inside if kind == "dir" else os.path.dirname(inside), exist_ok=True)
+        if kind != "dir":
+            os.close(os.open(inside, os.O_CREAT | os.O_WRONLY, 0o644))
+        mount(path, inside, None, ms_bind, None)
+        mount(None, inside, None, ro | (0 if kind == "dev" else ms_nodev), None)
+        if kind == "dir":
+            bound.append(path)
+    for path in cfg["hide"]:  # e.g. the base interpreter's site-packages, inside the bound stdlib
+        empty = ms_rdonly | ms_nosuid | ms_nodev | ms_noexec
+        mount("tmpfs", new + path, "tmpfs", empty, "size=4k,nr_inodes=4")
+    os.makedirs(new + "/dev", exist_ok=True)
+    for name, target in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
+        os.symlink("/proc/self/fd" + target, new + "/dev/" + name)
+    os.makedirs(new + "/proc", exist_ok=True)
+    os.makedirs(new + workdir, exist_ok=True)
+    size_kb = 2 * cfg["file_mb"] * 1024
+    opts = f"size={size_kb}k,nr_inodes=4096,mode=0700,uid={cfg['uid']},gid={cfg['uid']}"
+    mount("tmpfs", new + workdir, "tmpfs", ms_nosuid | ms_nodev | ms_noexec, opts)
+    os.chdir(new)
+    syscalls = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}  # pivot_root
+    if libc.syscall(syscalls[platform.machine()], b".", b".") != 0:
+        raise OSError("sandbox setup: pivot_root failed")
+    if libc.umount2(b".", 2) != 0:  # MNT_DETACH: the old root, stacked under the new one, is let go
+        raise OSError("sandbox setup: detaching the old root failed")
+    os.chdir("/")
+    mount(None, "/", None, ms_remount | ms_rdonly | ms_nosuid | ms_nodev, None)
+    os.chdir(workdir)
+
+
 def set_limits(cfg):
     """The rlimits, hard limits included, so the program cannot raise them again."""
     import resource
 
     mb = 1 << 20
+    # memfd files live outside the address space, each up to file_mb: without a memory cgroup to count
+    # them, fewer descriptors keep their total near memory_mb
+    nofile = 64 if cfg["cgroup"] is not None else max(16, min(64, cfg["memory_mb"] // cfg["file_mb"]))
     for name, soft, hard in (
         ("RLIMIT_CPU", cfg["cpu_s"], cfg["cpu_s"] + 1),  # SIGXCPU, then SIGKILL a second later
         ("RLIMIT_AS", cfg["memory_mb"] * mb, cfg["memory_mb"] * mb),
         ("RLIMIT_FSIZE", cfg["file_mb"] * mb, cfg["file_mb"] * mb),
         ("RLIMIT_NPROC", cfg["nproc"], cfg["nproc"]),
         ("RLIMIT_CORE", 0, 0),
-        ("RLIMIT_NOFILE", 64, 64),
+        ("RLIMIT_NOFILE", nofile, nofile),
+        ("RLIMIT_MSGQUEUE", 0, 0),
         ("RLIMIT_MEMLOCK", 0, 0),
     ):
         resource.setrlimit(getattr(resource, name), (soft, hard))
@@ -197,6 +241,11 @@ def install_audit_hook(workdir, prefixes):
                    "cffi", "_cffi_backend", "readline", "_gdbm", "_dbm", "_posixshmem")  # fmt: skip
     own_proc = ("/proc/self", "/proc/thread-self", f"/proc/{os.getpid()}")
     read_roots = (*prefixes, workdir, "/usr", "/lib", "/lib64", "/etc", "/dev", *own_proc)
+    # entries of a process's /proc directory that are doors to other paths: /proc/self/root/<host path>
+    # is the host's file whatever the lexical check thinks (the OS layers give the sandbox its own root;
+    # this closes the door where they are missing)
+    proc_doors = frozenset(("root", "cwd", "exe", "fd", "map_files"))
+
     path_events = {  # event -> (index of a path argument, index of its dir_fd argument or None)
         "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
         "os.utime": ((0, 3),), "os.truncate": ((0, None),), "os.setxattr": ((0, None),),
@@ -205,21 +254,49 @@ def install_audit_hook(workdir, prefixes):
     }  # fmt: skip
 
     def resolve(path, dir_fd=None, _fspath=os.fspath, _getcwd=os.getcwd, _readlink=os.readlink,
-                _isinstance=isinstance, _bytes=bytes):  # fmt: skip
-        """Absolute, with . and .. folded lexically (no symlinks can be made, so none lead out)."""
+                _lstat=os.lstat, _isinstance=isinstance, _bytes=bytes, _len=len, _oserror=OSError):  # fmt: skip
+        """The path the kernel will open: absolute, symlinks followed as the kernel follows them (the host
+        has symlinks that lead out of any allowed directory: ``/dev/fd/../root`` is the host's ``/``), and
+        ``..`` applied to what they lead to. The part past the first missing component is folded lexically.
+        Only the ``os`` functions bound here are used, never ``os.path`` (whose module the program may patch).
+        """
         path = _fspath(path)
         if _isinstance(path, _bytes):
             path = path.decode("utf-8", "surrogateescape")
         if not path.startswith("/"):
             at_cwd = dir_fd is None or dir_fd < 0  # events report "no dir_fd" as None, -1 or AT_FDCWD
             path = (_getcwd() if at_cwd else _readlink(f"/proc/self/fd/{dir_fd}")) + "/" + path
-        parts = []
-        for part in path.split("/"):
+        todo = path.split("/")
+        todo.reverse()
+        parts, links, missing = [], 0, False
+        while todo:
+            part = todo.pop()
             if part == "..":
                 if parts:
                     parts.pop()
-            elif part and part != ".":
-                parts.append(part)
+                continue
+            if not part or part == ".":
+                continue
+            parts.append(part)
+            if missing:
+                continue
+            here = "/" + "/".join(parts)
+            try:
+                is_link = _lstat(here).st_mode & 0o170000 == 0o120000
+            except _oserror:
+                missing = True
+                continue
+            if is_link:
+                links += 1
+                if links > 40:
+                    raise _oserror(40, "Too many levels of symbolic links", here)
+                parts.pop()
+                target = _readlink(here)
+                if target.startswith("/"):
+                    parts = []
+                more = target.split("/")
+                more.reverse()
+                todo += more
         return "/" + "/".join(parts)
 
     def under(path, roots):
@@ -228,9 +305,21 @@ def install_audit_hook(workdir, prefixes):
                 return True
         return False
 
+    def readable(full, _under=under, _read_roots=read_roots, _own_proc=own_proc, _doors=proc_doors):
+        if not _under(full, _read_roots):
+            return False
+        if not full.startswith("/proc/"):
+            return True
+        if not _under(full, _own_proc):
+            return False
+        for part in full.split("/")[3:]:
+            if part in _doors:
+                return False
+        return True
+
     def hook(event, args, _workdir=(workdir,), _read_roots=read_roots, _deny_exact=deny_exact,
              _deny_prefix=deny_prefix, _deny_import=deny_import, _path_events=path_events, _resolve=resolve,
-             _under=under, _own_proc=own_proc, _write_flags=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+             _under=under, _readable=readable, _write_flags=os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
              _getpid=os.getpid, _stat=os.stat, _readlink=os.readlink, _isinstance=isinstance, _str=str, _int=int, _len=len,
              _error=PermissionError):  # fmt: skip
         what = None
@@ -245,7 +334,7 @@ def install_audit_hook(workdir, prefixes):
             if writing:
                 if not _under(full, _workdir) and full != "/dev/null":
                     what = f"writing {full!r}"
-            elif not _under(full, _read_roots) or full.startswith("/proc/") and not _under(full, _own_proc):
+            elif not _readable(full):
                 what = f"reading {full!r}"
             elif mode is None and not _under(full, _workdir):
                 try:
@@ -264,6 +353,14 @@ def install_audit_hook(workdir, prefixes):
                     full = _resolve(path, args[fd_i] if fd_i is not None and fd_i < _len(args) else None)
                 if not _under(full, _workdir):
                     what = f"on {full!r}"
+        elif event in ("os.listdir", "os.scandir"):  # names only, but names of host files are the map
+            path = args[0]
+            if _isinstance(path, _int):
+                full = _readlink(f"/proc/self/fd/{path}")
+            else:
+                full = _resolve("." if path is None else path)
+            if not _readable(full):
+                what = f"of {full!r}"
         elif event == "import":
             name = args[0]
             for bad in _deny_import:
@@ -324,20 +421,35 @@ def main():
     sys.stdout.reconfigure(errors="backslashreplace")
     func_name, cases = cfg["func"], cfg["cases"]
     namespace = {"__name__": "__main__" if func_name is None else "__sandbox__", "__builtins__": __builtins__}
-    source = cfg["source"]
+    source, result_bytes = cfg["source"], cfg["result_bytes"]
     del cfg
-    _callable, _enumerate, _all, _exit, _flush = callable, enumerate, all, os._exit, sys.stdout.flush
-    list_types, atoms = (list, tuple, set), (int, float, complex, str, bytes, bool, _type(None))
+    _callable, _enumerate, _all, _len, _exit, _id = callable, enumerate, all, len, os._exit, id
+    _flush, _dict, _errors = sys.stdout.flush, dict, (ValueError, RecursionError, MemoryError)
+    # types compared by identity (their ids, ints): ``t in (int, ...)`` would call ``==`` on the type, which
+    # a metaclass can answer with True
+    atoms = frozenset(_id(t) for t in (int, float, complex, str, bytes, bool, _type(None)))
+    containers = frozenset(_id(t) for t in (list, tuple, set))
+
+    class TooLarge(Exception):
+        pass
 
     def plain(value, depth=0):
-        t = _type(value)
+        """Only built-in literal types; a container longer than ``result_bytes`` cannot have a repr that
+        short, so it is refused before anything walks it."""
+        t = _id(_type(value))
         if t in atoms:
             return True
         if depth > 50:
             return False
-        if t is dict:
-            return _all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in value.items())
-        return t in list_types and _all(plain(v, depth + 1) for v in value)
+        if t == _id(_dict):
+            if _len(value) > result_bytes:
+                raise TooLarge
+            return _all(plain(k, depth + 1) and plain(v, depth + 1) for k, v in _dict.items(value))
+        if t not in containers:
+            return False
+        if _len(value) > result_bytes:
+            raise TooLarge
+        return _all(plain(v, depth + 1) for v in value)
 
     try:
         exec(compile(source, "<solution>", "exec", dont_inherit=True), namespace)  # noqa: S102 -- the point
@@ -375,8 +487,13 @@ def main():
                     "unreportable", _str(i), _repr(f"returned a {_type(value).__name__}, not a plain literal")
                 )
                 continue
-            report("value", _str(i), _repr(_repr(value)))
-        except (ValueError, RecursionError, MemoryError):
+            text = _repr(value)
+            if _len(text) > result_bytes:
+                report("unreportable", _str(i), _repr(f"returned a value too large to report ({_len(text)} "
+                                                      f"characters, limit {result_bytes})"))  # fmt: skip
+                continue
+            report("value", _str(i), _repr(text))
+        except (TooLarge, *_errors):
             report("unreportable", _str(i), _repr("returned a value too large to report"))
     try:
         _flush()

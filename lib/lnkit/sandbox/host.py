@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
+from lnkit.sandbox import memcg, rootfs
+
 if TYPE_CHECKING:  # only for annotations: the API module imports this one
     from lnkit.sandbox import SandboxLimits
 
@@ -53,18 +55,21 @@ def run(
     """One sandboxed interpreter; returns the fields of a :class:`lnkit.sandbox.SandboxResult`.
     ``isolate``/``audit`` switch layers 4/5 off, only so tests can show that each layer stops hostile code
     on its own; nothing else should turn them off."""
-    uid, lease = _lease_uid() if isolate and os.geteuid() == 0 else (None, None)
-    workdir = result_r = result_w = None
+    root = isolate and os.geteuid() == 0
+    uid, lease = _lease_uid() if root else (None, None)
+    workdir = result_r = result_w = cgroup = None
     nonce = secrets.token_hex(16)
     started = time.monotonic()
+    out_of_memory = False
     try:
         workdir = tempfile.mkdtemp(prefix="lnkit-sandbox-")
         result_r, result_w = os.pipe()
         if uid is not None:
             os.chown(workdir, uid, uid)  # needed when the mount namespace (and its tmpfs) is unavailable
+        cgroup = memcg.create(nonce, _memcg_bytes(limits)) if root else None
         config = _config(
             source, limits, nonce=nonce, result_fd=result_w, workdir=workdir, uid=uid,
-            isolate=isolate, audit=audit, func_name=func_name, cases=cases,
+            isolate=isolate, audit=audit, func_name=func_name, cases=cases, cgroup=cgroup,
         )  # fmt: skip
         payload = _payload(config, stdin)
         proc = _spawn(workdir, result_w)
@@ -73,16 +78,34 @@ def run(
         deadline = started + limits.wall_s
         streams, overflow, timed_out = _watch(proc, payload, result_r, limits, deadline, uid, lease)
     finally:
+        if cgroup is not None:
+            out_of_memory = memcg.remove(cgroup)
         _clean_up((result_r, result_w), workdir, lease)
     wall = time.monotonic() - started
-    return _verdict(proc.returncode, streams, overflow, timed_out, nonce, func_name, cases, wall)
+    return _verdict(
+        proc.returncode, streams, overflow, timed_out, nonce, func_name, cases, wall,
+        out_of_memory=out_of_memory, result_bytes=limits.result_bytes,
+    )  # fmt: skip
 
 
-def _config(source, limits, *, nonce, result_fd, workdir, uid, isolate, audit, func_name, cases) -> dict:
+def _memcg_bytes(limits: SandboxLimits) -> int:
+    """What the run's memory cgroup allows: the address space, the working directory's tmpfs (2 x file_mb),
+    and 32 MiB for page tables, pipes and the two small helper processes of the PID namespace."""
+    return (limits.memory_mb + 2 * limits.file_mb + 32) << 20
+
+
+def _config(
+    source, limits, *, nonce, result_fd, workdir, uid, isolate, audit, func_name, cases, cgroup=None
+) -> dict:
     """The child's header (see ``child.py``): plain literals only, as the child reads it with an ``eval``
     that has no builtins. The expected values stay here: only the cases' arguments go."""
     own_tasks = 0 if os.geteuid() == 0 else _count_tasks(os.getuid())
+    plan, hide = rootfs.plan(_interpreter()) if isolate and os.geteuid() == 0 else ((), ())
     return {
+        "root": plan,
+        "hide": hide,
+        "cgroup": cgroup,
+        "result_bytes": limits.result_bytes,
         "nonce": nonce,
         "parent": os.getpid(),
         "result_fd": result_fd,
@@ -144,10 +167,22 @@ def _clean_up(fds, workdir: str | None, lease: int | None) -> None:
         os.close(lease)  # frees the slot; one still marked "1" (a failed sweep) is swept by its next run
 
 
-def _verdict(returncode, streams, overflow, timed_out, nonce, func_name, cases, wall) -> dict:
+def _verdict(
+    returncode,
+    streams,
+    overflow,
+    timed_out,
+    nonce,
+    func_name,
+    cases,
+    wall,
+    *,
+    out_of_memory=False,
+    result_bytes=65536,
+) -> dict:
     """The result's fields, from what the run did and what its records claim."""
-    records = _parse_records(bytes(streams["result"]), nonce)
-    reason = _process_reason(returncode, overflow, timed_out, records)
+    records = _parse_records(bytes(streams["result"]), nonce, result_bytes)
+    reason = "memory" if out_of_memory else _process_reason(returncode, overflow, timed_out, records)
     if func_name is not None and not overflow:
         reason = _case_reason(cases, records, reason)
     out, err = (bytes(streams[k]).decode("utf-8", "replace") for k in ("stdout", "stderr"))
@@ -324,10 +359,13 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
-def _parse_records(data: bytes, nonce: str) -> dict:
+def _parse_records(data: bytes, nonce: str, result_bytes: int = 65536) -> dict:
     """The child's report lines, ``<nonce> <kind> [<case>] <repr of a str>``. Lines without the nonce are
-    ignored; a case (or the load line) reported twice counts as forged."""
+    ignored; a case (or the load line) reported twice counts as forged. What is parsed is bounded before
+    parsing: a line longer than a ``result_bytes`` value can be, escaped, is not parsed but counted as a value
+    too large (the child checks too, but the child is not trusted)."""
     records = {"exc": None, "layers": (), "load": None, "cases": {}, "forged": False}
+    too_long = 4 * result_bytes + 64  # repr of a str escapes a character into at most 4
     for line in data.decode("utf-8", "replace").splitlines():
         head, _, rest = line.partition(" ")
         kind, _, rest = rest.partition(" ")
@@ -336,12 +374,18 @@ def _parse_records(data: bytes, nonce: str) -> dict:
         index = None
         if kind in ("value", "raised", "unreportable"):
             index, _, rest = rest.partition(" ")
-        try:
-            text = ast.literal_eval(rest)
-        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-            continue
+        if len(rest) > too_long:
+            text = f"a report of {len(rest)} characters, more than the limit of {result_bytes}"
+            kind = "unreportable" if index is not None else kind
+        else:
+            try:
+                text = ast.literal_eval(rest)
+            except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                continue
         if not isinstance(text, str):
             continue
+        if kind == "value" and len(text) > result_bytes:
+            kind, text = "unreportable", f"returned a value too large to report ({len(text)} characters)"
         if kind == "layers":
             records["layers"] = tuple(text.split())
         elif kind == "exc":
