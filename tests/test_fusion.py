@@ -270,7 +270,7 @@ def _fake_search(tmp_path, best, rows, children):
     (d / "_COMPLETE.json").write_text("{}")
     (d / "best_2x.json").write_text(json.dumps(best))  # stage 02's run(p) writes it: no notebook cell needed
     with open(d / "frontier.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["kind", "label", "speedup"])
+        w = csv.DictWriter(f, ["kind", "label", "priced_speedup", "speedup"])
         w.writeheader()
         w.writerows(rows)
     for c in children:
@@ -282,11 +282,13 @@ def test_child_resolution_and_its_errors_name_files(tmp_path):
     from lnkit.stages.fusion import Params as FusionParams
     from lnkit.stages.fusion import resolve_child
 
-    rows = [{"kind": "parent", "label": "parent", "speedup": 1.0}, {"kind": "puzzle", "label": "budget 0.50", "speedup": 1.6},
-            {"kind": "puzzle", "label": "budget 0.30", "speedup": 2.8}, {"kind": "baseline", "label": "uniform", "speedup": 9}]
+    rows = [{"kind": "parent", "label": "parent", "priced_speedup": 1.0, "speedup": 1.0},
+            {"kind": "puzzle", "label": "budget 0.50", "priced_speedup": 1.6, "speedup": 3.1},  # a noisy fast round
+            {"kind": "puzzle", "label": "budget 0.30", "priced_speedup": 2.8, "speedup": 2.5},
+            {"kind": "baseline", "label": "uniform", "priced_speedup": 9, "speedup": 9}]
     d = _fake_search(tmp_path, {"label": "budget 0.50"}, rows, ["budget_0.50", "budget_0.30"])
     assert resolve_child(FusionParams(run_dir=str(tmp_path))) == ("budget 0.50", d / "children" / "budget_0.50")
-    (d / "best_2x.json").write_text(json.dumps(None))  # no 2x child: the fastest puzzle child
+    (d / "best_2x.json").write_text(json.dumps(None))  # no 2x child: the fastest puzzle child, as priced
     assert resolve_child(FusionParams(run_dir=str(tmp_path)))[0] == "budget 0.30"
     assert resolve_child(FusionParams(run_dir=str(tmp_path), child="budget 0.50"))[0] == "budget 0.50"
     with pytest.raises(FileNotFoundError, match=r"budget_0\.99.*saved children: \['budget 0.30', 'budget 0.50'\]"):

@@ -102,6 +102,12 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int = 64, temper
 def decode_throughput(model, batch_size: int, prompt_len: int, steps: int, repeats: int = 5) -> float:
     """Generated tokens per second of KV-cache decoding (median over repeats), after a prefill of random
     prompts: the speed every stage compares architectures by, measured the same way for all of them."""
+    return statistics.median(decode_throughput_rounds(model, batch_size, prompt_len, steps, repeats))
+
+
+def decode_throughput_rounds(model, batch_size: int, prompt_len: int, steps: int, repeats: int = 5) -> list[float]:
+    """Tokens per second of each of ``repeats`` timed rounds of :func:`decode_throughput` (their spread is
+    the measurement's noise)."""
     model.eval()
     dev = next(model.parameters()).device
     ids = torch.randint(3, model.config.vocab_size, (batch_size, prompt_len),
@@ -118,4 +124,4 @@ def decode_throughput(model, batch_size: int, prompt_len: int, steps: int, repea
             out = model(input_ids=nxt, position_ids=pos, use_cache=True, **{kw: cache})
             nxt = out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - t0)
-    return batch_size * steps / statistics.median(times[1:])
+    return [batch_size * steps / t for t in times[1:]]

@@ -4,12 +4,13 @@ resource side of the MIP, and :func:`to_mip_candidates`, which joins costs with 
 Two ways to price a candidate, same row shape ``{layer, slot, name, params, kv_bytes, memory_bytes, prefill_s,
 decode_s, is_attention}``:
 
-- :func:`measure_costs`: timed on this machine. Each sub-block runs alone (as a one-slot decoder layer with
-  random weights: time does not depend on the values) on a prefill of ``batch_size x prompt_len`` tokens and
-  on one decode step of ``batch_size`` tokens against a KV cache holding ``prompt_len + decode_len // 2``
-  tokens (the mean context over the decode, as :func:`lnkit.deploy.layer_costs` averages). Median of
-  ``repeats`` after ``warmup`` runs. Identical sub-blocks at different layers are timed once and share the
-  figure, which both saves time and keeps noise from ranking identical blocks differently.
+- :func:`costs_from_table`: from a cost table (:mod:`lnkit.puzzle.cost_table`), timed once on some machine and
+  stored: each sub-block run alone (as a one-slot decoder layer with random weights: time does not depend on
+  the values) on a prefill of ``batch_size x prompt_len`` tokens and on one decode step of ``batch_size``
+  tokens against a KV cache holding ``prompt_len + decode_len // 2`` tokens (the mean context over the
+  decode, as :func:`lnkit.deploy.layer_costs` averages). Identical sub-blocks at different layers share one
+  entry, which both saves time and keeps noise from ranking identical blocks differently.
+  :func:`measure_costs` times a table now and prices from it.
 - :func:`analytic_costs`: :func:`lnkit.deploy.layer_costs`' roofline for a named GPU, on a one-layer config
   holding just that block, so a search for an H100 can be run from a laptop.
 
@@ -23,18 +24,11 @@ no cache. Analytic memory is for the whole replica (not divided by ``tp``).
 
 from __future__ import annotations
 
-import copy
-import statistics
-import time
-
 import torch
-from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from lnkit import deploy
-from lnkit.model.modeling import NemotronNasDecoderLayer, causal_mask, rope_config
-from lnkit.puzzle import mip
-from lnkit.puzzle.space import parent_nas_config
+from lnkit.model.modeling import NemotronNasDecoderLayer
+from lnkit.puzzle import cost_table, mip
 
 COST_KEYS = ("params", "kv_bytes", "memory_bytes", "prefill_s", "decode_s")
 
@@ -60,55 +54,10 @@ def _check_lengths(batch_size, prompt_len, decode_len):
 # ---------------------------------------------------------------------------------------------- measured
 
 
-def _median_seconds(step, repeats: int, warmup: int, device, reset=None) -> float:
-    """Median wall time of ``step()`` (``reset()`` runs untimed after each call), synchronising a GPU."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    times = []
-    for k in range(warmup + repeats):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        if k >= warmup:
-            times.append(time.perf_counter() - t)
-        if reset is not None:
-            reset()
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def _time_block(cfg, cand, batch_size, prompt_len, decode_len, repeats, warmup, device, dtype) -> tuple:
-    """(prefill seconds, decode-step seconds) of one candidate sub-block alone."""
-    if cand.config.kind == "no_op":
-        return 0.0, 0.0
-    module = NemotronNasDecoderLayer(cfg, cand.block(), cand.layer, 0).to(device=device, dtype=dtype).eval()
-    rotary = LlamaRotaryEmbedding(config=rope_config(cfg)).to(device)
-    h = cfg.hidden_size
-    x = torch.randn(batch_size, prompt_len, h, device=device, dtype=dtype)
-    pos = torch.arange(prompt_len, device=device)[None]
-    rope = rotary(x, pos)
-    mask = causal_mask(cfg, x, None, None, pos)
-    prefill = _median_seconds(lambda: module(x, attention_mask=mask, position_embeddings=rope),
-                              repeats, warmup, device)
-    one = torch.randn(batch_size, 1, h, device=device, dtype=dtype)
-    if cand.config.kind != "attention":  # linear blocks and FFNs keep no state between tokens
-        return prefill, _median_seconds(lambda: module(one), repeats, warmup, device)
-    ctx = prompt_len + decode_len // 2
-    cache = DynamicCache()
-    past = torch.randn(batch_size, ctx, h, device=device, dtype=dtype)
-    past_pos = torch.arange(ctx, device=device)[None]
-    module(past, attention_mask=causal_mask(cfg, past, None, None, past_pos),
-           position_embeddings=rotary(past, past_pos), cache=cache)
-    rope_one = rotary(one, torch.tensor([[ctx]], device=device))
-    decode = _median_seconds(lambda: module(one, position_embeddings=rope_one, cache=cache),
-                             repeats, warmup, device, reset=lambda: cache.crop(-1))  # drop the new token: same context each step
-    return prefill, decode
-
-
 def measure_costs(library_or_candidates, parent_config, batch_size: int, prompt_len: int, decode_len: int,
-                  repeats: int = 5, warmup: int = 2, device=None, dtype=torch.float32,
-                  attn_implementation: str = "sdpa") -> list[dict]:
-    """Costs of every candidate measured on ``device`` (default: CUDA if available, else CPU), in ``dtype``.
+                  repeats: int = 5, warmup: int = 2, device=None, dtype=torch.float32, rounds: int = 1) -> list[dict]:
+    """Costs of every candidate measured now on ``device`` (default: CUDA if available, else CPU), in
+    ``dtype``: :func:`lnkit.puzzle.cost_table.measure` then :func:`costs_from_table`.
 
     ``parent_config`` is the parent's ``LlamaConfig`` or ``NemotronNasConfig``. Times are seconds for the
     sub-block alone (norm included, embeddings and LM head not); see the module docstring for what is timed.
@@ -116,22 +65,32 @@ def measure_costs(library_or_candidates, parent_config, batch_size: int, prompt_
     _check_lengths(batch_size, prompt_len, decode_len)
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: expected repeats >= 1 and warmup >= 0")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = copy.deepcopy(parent_nas_config(parent_config))
-    cfg._attn_implementation = attn_implementation  # a bare config names none; a loaded model would say sdpa
+    cands = _candidates(library_or_candidates)
+    table = cost_table.measure(cands, parent_config, batch_size, prompt_len, decode_len, rounds=rounds,
+                               repeats=repeats, warmup=warmup, device=device, dtype=dtype)
+    return costs_from_table(cands, parent_config, table, dtype)
+
+
+def costs_from_table(library_or_candidates, parent_config, table: dict, dtype=torch.float32) -> list[dict]:
+    """Cost rows of every candidate priced from a cost table (:mod:`lnkit.puzzle.cost_table`), whose setup
+    gives the batch and lengths; parameters and memory are computed from the configs. A candidate whose
+    sub-block the table lacks is a ``KeyError`` listing every missing one."""
+    cands = _candidates(library_or_candidates)
+    lacking = cost_table.missing(table, cands)
+    if lacking:
+        raise KeyError(f"the cost table has no entry for {len(lacking)} sub-block(s): {lacking[:4]}")
+    setup = table["setup"]
+    batch_size, full_len = setup["batch_size"], setup["prompt_len"] + setup["decode_len"]
+    cfg = cost_table.timing_config(parent_config)
     nbytes = torch.empty((), dtype=dtype).element_size()
-    timed, rows = {}, []
-    for c in _candidates(library_or_candidates):
-        times = []
-        for part in c.parts or (c,):  # a coupled block costs what its two parts cost
-            key = (part.slot, part.config)
-            if key not in timed:
-                timed[key] = _time_block(cfg, part, batch_size, prompt_len, decode_len, repeats, warmup, device, dtype)
-            times.append(timed[key])
+    rows = []
+    for c in cands:
+        entries = [table["blocks"][cost_table.block_key(p.slot, p.config)] for p in (c.parts or (c,))]
         params = sum(p.numel() for p in NemotronNasDecoderLayer(cfg, c.block(), c.layer, 0).parameters())
         kv_heads = c.block().attention.num_kv_heads(cfg.num_attention_heads)
-        kv = 2 * kv_heads * cfg.head_size * nbytes * batch_size * (prompt_len + decode_len)
-        rows.append(_row(c, params, kv, params * nbytes + kv, sum(t[0] for t in times), sum(t[1] for t in times)))
+        kv = 2 * kv_heads * cfg.head_size * nbytes * batch_size * full_len
+        rows.append(_row(c, params, kv, params * nbytes + kv, sum(e["prefill_s"] for e in entries),
+                         sum(e["decode_s"] for e in entries)))  # a coupled block costs what its parts cost
     return rows
 
 

@@ -12,8 +12,9 @@ Reads ``<run_dir>/00_parent`` (tokenizer, validation and test items) and one chi
 - ``eval_before.csv`` / ``eval_after.csv``: test accuracy of the child and the fused child (thinking off);
 - ``deploy.csv``: the roofline's (:mod:`lnkit.deploy`) predicted latency, unfused and fused, at ``tp``.
 
-The child is ``child``: ``"auto"`` takes stage 02's ``best_2x`` (the most accurate child at >= 2x measured
-throughput), or, when there is none, the Puzzle child with the highest measured speed-up.
+The child is ``child``: ``"auto"`` takes stage 02's ``best_2x`` (the most accurate child priced at >= 2x the
+parent's decode speed by the cost table), or, when there is none, the Puzzle child with the highest priced
+speed-up: a pick that is the same on every rerun, which a measured speed-up on a noisy CPU is not.
 
 What the figures mean, honestly: the tiny child's CPU decode time is dominated by per-op overhead, so
 removing a norm and merging two small matmuls shows as a few percent at most (and timings on a shared
@@ -144,12 +145,13 @@ def resolve_child(p: Params) -> tuple[str, Path]:
                 rows = list(csv.DictReader(fr.open()))
             except OSError as e:
                 raise FileNotFoundError(f"cannot read {fr} to pick the child (child='auto'): {e}") from None
-            ok = [r for r in rows if r.get("kind") == "puzzle" and _finite(r.get("speedup"))
+            key = "priced_speedup" if rows and "priced_speedup" in rows[0] else "speedup"  # older runs: measured
+            ok = [r for r in rows if r.get("kind") == "puzzle" and _finite(r.get(key))
                   and (children / r["label"].replace(" ", "_")).is_dir()]
             if not ok:
-                raise FileNotFoundError(f"{mf} names no child and {fr} lists no saved Puzzle child with a measured "
+                raise FileNotFoundError(f"{mf} names no child and {fr} lists no saved Puzzle child with a priced "
                                         "speed-up; nothing to fuse")
-            label = max(ok, key=lambda r: float(r["speedup"]))["label"]
+            label = max(ok, key=lambda r: float(r[key]))["label"]
     folder = children / label.replace(" ", "_")
     if not folder.is_dir():
         have = sorted(d.name.replace("_", " ") for d in children.iterdir() if d.is_dir()) if children.is_dir() else []

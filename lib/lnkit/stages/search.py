@@ -2,21 +2,30 @@
 (``notebooks/02_architecture_search.ipynb``).
 
 Reads ``<run_dir>/00_parent`` and ``<run_dir>/01_block_library``; writes ``<run_dir>/02_architecture_search``:
-``scores.csv`` (replace-1-block KL, LM loss, cosine on held-out text), ``costs.csv`` (measured on this
-device, and analytic for ``gpu`` through :mod:`lnkit.deploy`), ``frontier.csv`` (one row per budget and per
-baseline: architecture, MIP status and time, measured decode throughput, test accuracy) and one
-``nemotron-nas`` checkpoint per Puzzle child.
+``scores.csv`` (replace-1-block KL, LM loss, cosine on held-out text), ``costs.csv`` (the MIP's prices) and
+``cost_table.json`` (the table they came from, with the machine it was measured on), ``frontier.csv`` /
+``frontier.json`` (one row per budget and per baseline: architecture, MIP status and time, priced and
+measured speed-up, test accuracy), ``best_2x.json`` and one ``nemotron-nas`` checkpoint per Puzzle child.
 
-Throughput is measured on the whole assembled model (KV-cache decode steps at ``batch_size`` after a
-``prompt_len`` prefill), against the parent measured in the same run. Budgets are fractions of the
-parent's summed per-block decode time as priced by ``cost_source``; on a small CPU, fixed per-op overhead
-dominates a tiny model's decode step, which is why the default prices blocks by measurement.
+Prices are deterministic by default: block costs come from a cost table (:mod:`lnkit.puzzle.cost_table`)
+measured once, median over rounds, and packaged for the embedded runs, so the MIP picks the same children
+on every machine and every rerun (timing blocks afresh each run made the pick a lottery: docs/LOG.md,
+2026-12-01). ``cost_source="measured"`` times this machine once and keeps the table in the run folder;
+``"analytic"`` prices for a named GPU through :mod:`lnkit.deploy`. Budgets are fractions of the parent's
+summed per-block decode time as priced. The 2x child for stage 03 is picked by the priced speed-up,
+``(parent blocks + rest) / (child blocks + rest)`` with the table's embedding/norm/LM-head step as the rest.
+
+Throughput is still measured on the whole assembled model (KV-cache decode steps at ``batch_size`` after a
+``prompt_len`` prefill), against the parent measured in the same run, and reported with its spread over
+``timing_repeats``: a ratio within one run, never an input to a decision.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -26,12 +35,13 @@ from lnkit.checkpoints import load_model, require, save_model, stage_dir
 from lnkit.data.splits import first_per_domain, load_split
 from lnkit.deploy import GPUS
 from lnkit.eval import evaluate, summarize
-from lnkit.generate import decode_throughput
-from lnkit.io import atomic_write_json
+from lnkit.generate import decode_throughput, decode_throughput_rounds
+from lnkit.io import ArtifactError, atomic_write_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.progress import progress_bar
+from lnkit.puzzle import cost_table
 from lnkit.puzzle.calibration import token_batches
-from lnkit.puzzle.costs import analytic_costs, measure_costs, to_mip_candidates
+from lnkit.puzzle.costs import analytic_costs, costs_from_table, to_mip_candidates
 from lnkit.puzzle.library import assemble, load_library
 from lnkit.puzzle.mip import InfeasibleBudget, solve, solve_diverse
 from lnkit.puzzle.scoring import score_candidates
@@ -51,7 +61,11 @@ class Params(RunParams):
                               choices=["all", "assistant"])
     score_rows: int = param(32, "held-out (validation) rows for scoring", lo=1)
     score_len: int = param(128, "tokens per scoring row", lo=8)
-    cost_source: str = param("measured", "price blocks by timing them here, or analytically for `gpu`", choices=["measured", "analytic"])
+    cost_source: str = param("table", "price blocks from the packaged cost table for this setup, by timing them "
+                             "here once (stored in the run folder), or analytically for `gpu`",
+                             choices=["table", "measured", "analytic"])
+    remeasure_costs: bool = param(False, "measured costs: time the blocks again instead of reusing the run's table")
+    cost_rounds: int = param(5, "measured costs: rounds of timing per block (the median is kept)", lo=1)
     gpu: str = param("H100", "GPU for analytic costs (see lnkit.deploy.GPUS)")
     batch_size: int = param(16, "decode batch for costs and throughput", lo=1)
     prompt_len: int = param(64, "prompt tokens before decoding", lo=1)
@@ -102,30 +116,38 @@ def run(p: Params) -> dict:
 
 
 def best_2x(frontier: list[dict]) -> dict | None:
-    """The most accurate Puzzle child at >= 2x the parent's measured decode throughput, or None.
+    """The most accurate Puzzle child priced at >= 2x the parent's decode speed, or None.
 
-    >>> best_2x([{"kind": "puzzle", "label": "a", "speedup": 2.1, "accuracy": 0.5, "accuracy_kept": 0.8},
-    ...          {"kind": "puzzle", "label": "b", "speedup": 1.5, "accuracy": 0.7, "accuracy_kept": 1.0}])
-    {'label': 'a', 'speedup': 2.1, 'accuracy': 0.5, 'accuracy_kept': 0.8}
+    Picked by the priced speed-up (from the cost table: the same on every machine and every rerun), not by
+    the measured one, whose noise on a small CPU would make the pick a lottery; both are reported.
+
+    >>> best_2x([{"kind": "puzzle", "label": "a", "priced_speedup": 2.1, "speedup": 1.9, "accuracy": 0.5,
+    ...           "accuracy_kept": 0.8},
+    ...          {"kind": "puzzle", "label": "b", "priced_speedup": 1.5, "speedup": 2.2, "accuracy": 0.7,
+    ...           "accuracy_kept": 1.0}])
+    {'label': 'a', 'priced_speedup': 2.1, 'speedup': 1.9, 'accuracy': 0.5, 'accuracy_kept': 0.8}
     """
-    ok = [r for r in frontier if r["kind"] in ("puzzle", "puzzle_alt") and r.get("speedup", 0) >= 2.0]
-    best = max(ok, key=lambda r: r["accuracy"]) if ok else None
-    return None if best is None else {k: best[k] for k in ("label", "speedup", "accuracy", "accuracy_kept")}
+    ok = [r for r in frontier if r["kind"] in ("puzzle", "puzzle_alt") and r.get("priced_speedup", 0) >= 2.0]
+    best = max(ok, key=lambda r: (r["accuracy"], r["priced_speedup"])) if ok else None
+    keys = ("label", "priced_speedup", "speedup", "accuracy", "accuracy_kept")
+    return None if best is None else {k: best[k] for k in keys}
 
 
 def headline(metrics: dict) -> str:
     """One line for the runner's table.
 
-    >>> headline({"best_2x": {"label": "budget 0.40", "speedup": 2.08, "accuracy_kept": 0.64}, "children": []})
-    "best >= 2x child: budget 0.40, 2.08x at 64% of the parent's accuracy"
-    >>> headline({"best_2x": None, "children": [{"kind": "puzzle", "speedup": 1.5}]})
-    'no child reached 2x (fastest Puzzle child 1.50x)'
+    >>> headline({"best_2x": {"label": "budget 0.40", "priced_speedup": 2.1, "speedup": 2.08,
+    ...                       "accuracy_kept": 0.64}, "children": []})
+    "best child priced >= 2x: budget 0.40, 2.10x priced (2.08x measured) at 64% of the parent's accuracy"
+    >>> headline({"best_2x": None, "children": [{"kind": "puzzle", "priced_speedup": 1.5}]})
+    'no child priced at 2x (fastest Puzzle child 1.50x)'
     """
     b = metrics["best_2x"]
     if b:
-        return f"best >= 2x child: {b['label']}, {b['speedup']:.2f}x at {b['accuracy_kept']:.0%} of the parent's accuracy"
-    fastest = max((r.get("speedup", 0) for r in metrics["children"] if r["kind"] == "puzzle"), default=0)
-    return f"no child reached 2x (fastest Puzzle child {fastest:.2f}x)"
+        return (f"best child priced >= 2x: {b['label']}, {b['priced_speedup']:.2f}x priced ({b['speedup']:.2f}x "
+                f"measured) at {b['accuracy_kept']:.0%} of the parent's accuracy")
+    fastest = max((r.get("priced_speedup", 0) for r in metrics["children"] if r["kind"] == "puzzle"), default=0)
+    return f"no child priced at 2x (fastest Puzzle child {fastest:.2f}x)"
 
 
 def baseline_choices(num_layers: int, names: dict) -> dict[str, dict]:
@@ -160,6 +182,43 @@ def describe(choice: dict, num_layers: int) -> list[dict]:
              "ffn": flat.get((i, "ffn"), "ffn_100")} for i in range(num_layers)]
 
 
+def price_blocks(p: Params, library, parent_config) -> tuple[list[dict], float]:
+    """``(cost rows, seconds of a decode step outside the layers)``, priced as ``cost_source`` says.
+
+    ``table``: the packaged table measured for exactly this setup (:mod:`lnkit.puzzle.cost_table`); without
+    one, as ``measured``. ``measured``: the table of this run folder
+    (``<run_dir>/cost_tables/<setup>.json``), timed here the first time and reused after, unless
+    ``remeasure_costs``. ``analytic``: the GPU roofline (nothing outside the layers is priced). The table used
+    is copied into the stage folder as ``cost_table.json``, so the run says what priced it."""
+    out = stage_dir(p.run_dir, NAME)
+    if p.cost_source == "analytic":
+        return analytic_costs(library, parent_config.to_dict(), p.gpu, p.batch_size, p.prompt_len, p.decode_len), 0.0
+    cands = [e.candidate for e in library.entries.values()]
+    setup = cost_table.setup_of(parent_config, p.batch_size, p.prompt_len, p.decode_len)
+    path = cost_table.packaged(setup) if p.cost_source == "table" else None
+    if path is None:
+        path = Path(p.run_dir) / "cost_tables" / f"{cost_table.setup_digest(setup)}.json"
+        if p.cost_source == "table":
+            print(f"no packaged cost table for this setup ({setup}): timing blocks on this machine once")
+        if p.remeasure_costs or not path.exists():
+            table = cost_table.measure(cands, parent_config, p.batch_size, p.prompt_len, p.decode_len,
+                                       rounds=p.cost_rounds, progress=p.progress)
+            cost_table.save(table, path)
+    table = cost_table.load(path)
+    if table["setup"] != setup:
+        raise ArtifactError(f"{path}: measured for {table['setup']}, not this setup {setup}")
+    if cost_table.missing(table, cands):  # the library grew new blocks since the table was measured
+        if p.cost_source == "table" and path.parent == cost_table.PACKAGED:
+            raise ArtifactError(f"{path} lacks blocks of this library: {cost_table.missing(table, cands)[:3]}; "
+                                "set cost_source='measured' to time them here")
+        table = cost_table.measure(cands, parent_config, p.batch_size, p.prompt_len, p.decode_len,
+                                   rounds=p.cost_rounds, progress=p.progress)
+        cost_table.save(table, path)
+    print(f"prices: {cost_table.describe(table, path)}")
+    cost_table.save(table, out / "cost_table.json")
+    return costs_from_table(library, parent_config, table), float(table["rest_decode_s"])
+
+
 def run_search(p: Params) -> dict:
     """Score, price, solve, assemble and measure; returns {"scores", "costs", "frontier", "parent", ...} and
     writes them as CSV."""
@@ -174,10 +233,7 @@ def run_search(p: Params) -> dict:
     positions = positions if p.score_tokens == "assistant" else None
     dev = next(parent.parameters()).device
     scores = score_candidates(parent, library, [b.to(dev) for b in batches], progress=p.progress, positions=positions)
-    if p.cost_source == "measured":
-        costs = measure_costs(library, parent.config, p.batch_size, p.prompt_len, p.decode_len)
-    else:
-        costs = analytic_costs(library, parent.config.to_dict(), p.gpu, p.batch_size, p.prompt_len, p.decode_len)
+    costs, rest_decode_s = price_blocks(p, library, parent.config)
     pd.DataFrame(scores).to_csv(out / "scores.csv", index=False)
     pd.DataFrame(costs).to_csv(out / "costs.csv", index=False)
     cands = to_mip_candidates(scores, costs, score=p.score, cost_keys=("decode_s", "memory_bytes", "params"))
@@ -197,24 +253,30 @@ def run_search(p: Params) -> dict:
     def measure(model) -> dict:
         rows = evaluate(model, tok, test, modes=("off",), max_new_tokens=p.eval_max_new_tokens, progress=False)
         acc = summarize(rows)
+        rounds = decode_throughput_rounds(model, p.batch_size, p.prompt_len, p.decode_len, p.timing_repeats)
         return {"accuracy": next(s["accuracy"] for s in acc if s["domain"] == "all"),
                 "math_accuracy": sum(r["correct"] for r in rows if r["domain"] == "math") / max(1, sum(r["domain"] == "math" for r in rows)),
-                "tokens_per_s": decode_throughput(model, p.batch_size, p.prompt_len, p.decode_len, p.timing_repeats)}
+                "tokens_per_s": statistics.median(rounds), "tokens_per_s_spread": [min(rounds), max(rounds)]}
+
+    def priced_speedup(blocks_s: float) -> float:
+        return (parent_time + rest_decode_s) / (blocks_s + rest_decode_s) if blocks_s + rest_decode_s > 0 else math.inf
 
     # The parent is measured as an all-parent nemotron-nas model: the same code path as every child, so
     # the speed-ups compare architectures, not model classes.
     parent_nas = assemble(parent, {}, library)
     parent_row = {"kind": "parent", "label": "parent", "budget": 1.0, **measure(parent_nas), "objective": 0.0,
-                  "status": "", "solve_time_s": 0.0, "architecture": describe({}, n_layers)}
+                  "status": "", "solve_time_s": 0.0, "priced_decode_fraction": 1.0, "priced_speedup": 1.0,
+                  "architecture": describe({}, n_layers)}
     frontier = [parent_row]
     names = {s: sorted({n.get(s) for c in cands for n in [split_name(c.slot, c.name)]} - {None}) for s in ("attention", "ffn")}
     jobs = [("puzzle", f"budget {b:.2f}", b, None) for b in p.budgets if b < 1.0]
     if p.baselines:
         jobs += [("baseline", label, None, ch) for label, ch in baseline_choices(n_layers, names).items()]
     def add_child(row: dict, choice: dict, save: bool):
-        row["priced_decode_fraction"] = sum(
-            decode_of[(i, slot, choice.get((i, slot), PARENT_NAMES[slot]))]
-            for i in range(n_layers) for slot in slots) / parent_time
+        blocks_s = sum(decode_of[(i, slot, choice.get((i, slot), PARENT_NAMES[slot]))]
+                       for i in range(n_layers) for slot in slots)
+        row["priced_decode_fraction"] = blocks_s / parent_time
+        row["priced_speedup"] = priced_speedup(blocks_s)
         child = assemble(parent, choice, library)
         row.update(measure(child), architecture=describe(choice, n_layers))
         if save:
@@ -248,6 +310,8 @@ def run_search(p: Params) -> dict:
     parent_row.update(tokens_per_s=max(rounds), tokens_per_s_rounds=rounds)
     for r in frontier:
         r["speedup"] = r.get("tokens_per_s", float("nan")) / parent_row["tokens_per_s"]
+        if "tokens_per_s_spread" in r:  # the child's own spread over repeats, against the parent's one figure
+            r["speedup_spread"] = [t / parent_row["tokens_per_s"] for t in r["tokens_per_s_spread"]]
         r["accuracy_kept"] = (r.get("accuracy", math.nan) / parent_row["accuracy"]
                               if parent_row["accuracy"] > 0 else math.nan)  # an untrained smoke parent
     flat = [{k: v for k, v in r.items() if k != "architecture"} for r in frontier]
