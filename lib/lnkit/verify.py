@@ -32,14 +32,29 @@ def verify_math(answer: str, item) -> bool:
 
 
 def verify_choice(answer: str, item) -> bool:
-    """The single option letter the answer names must be the gold letter.
+    """The single option letter the answer names must be the gold letter, and the answer must not name the
+    text of another option: a letter that disagrees with the answer's own words is a guess, and must not pay.
 
     >>> from types import SimpleNamespace as S
-    >>> verify_choice("The answer is B.", S(gold="B")), verify_choice("A or B", S(gold="B"))
+    >>> item = S(gold="B", meta={"options": ["red", "blue", "green"]})
+    >>> verify_choice("The answer is B.", item), verify_choice("A or B", item)
     (True, False)
+    >>> verify_choice("So a shetan is blue, which is option B.", item)
+    True
+    >>> verify_choice("So a shetan is green, which is option B.", item)  # the text is option C's
+    False
     """
-    letters = re.findall(r"\b([A-D])\b", _final(answer))
-    return len(letters) == 1 and letters[0] == item.gold
+    final = _final(answer)
+    letters = re.findall(r"\b([A-D])\b", final)
+    if len(letters) != 1 or letters[0] != item.gold:
+        return False
+    options = (getattr(item, "meta", None) or {}).get("options") or []
+    chosen = "ABCD".index(letters[0])
+    for j, text in enumerate(options):
+        named = re.search(rf"\b{re.escape(str(text))}s?\b", answer, re.IGNORECASE)
+        if j != chosen and named and (chosen >= len(options) or str(text).lower() != str(options[chosen]).lower()):
+            return False
+    return True
 
 
 def _words(text: str) -> list[str]:
