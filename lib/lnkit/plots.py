@@ -322,6 +322,68 @@ def on_vs_off(summary: list[dict], parent: list[dict], title: str = "stage 06: m
     return fig
 
 
+def grpo_accuracy(curve: list[dict], title: str = "stage 07: held-out accuracy during GRPO"):
+    """Figure 5 analog: greedy held-out accuracy against optimizer steps, reasoning on (solid) and off
+    (dashed) per RL domain, and the target cells (math 4-5, science 1-3, reasoning on) in black."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    colors = {"math": "C0", "science": "C1", "code": "C2"}
+    for (mode, domain), style in [((m, d), "-" if m == "on" else "--") for d in colors for m in ("on", "off")]:
+        pts = sorted((int(r["step"]), float(r["accuracy"])) for r in curve if r["mode"] == mode and r["domain"] == domain)
+        if pts:
+            ax.plot(*zip(*pts), style, color=colors[domain], marker=".", label=f"{domain}, thinking {mode}")
+    pts = sorted((int(r["step"]), float(r["accuracy"])) for r in curve if r["domain"] == "target")
+    if pts:
+        ax.plot(*zip(*pts), "-", color="k", lw=2.2, marker="o", label="target cells, thinking on")
+    ax.set_xlabel("GRPO optimizer step")
+    ax.set_ylabel("pass@1 (greedy, held-out)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def grpo_training(log: list[dict], batches: list[dict], title: str = "stage 07: GRPO training signals"):
+    """Six panels against steps: reward mean and spread, KL, clip fraction, completion length, the share of
+    groups that taught nothing (all samples scored alike), and the batch's mean pass rate against the
+    curriculum's target."""
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.2))
+    steps = [int(r["step"]) for r in log]
+
+    def col(name):
+        return [float(r[name]) for r in log if r.get(name) not in (None, "")]
+
+    mean, std = np.array(col("reward_mean")), np.array(col("reward_std"))
+    ax = axes[0, 0]
+    if len(mean):
+        ax.plot(steps[: len(mean)], mean, label="reward mean")
+        ax.fill_between(steps[: len(mean)], mean - std, mean + std, alpha=0.2, label="+- std")
+        ax.plot(steps[: len(mean)], col("accuracy_reward")[: len(mean)], lw=1, label="accuracy reward")
+    ax.set_title("reward")
+    ax.legend(fontsize=7)
+    for ax, name, label in ((axes[0, 1], "kl", "KL (k3; to the sampling policy when beta = 0)"),
+                            (axes[0, 2], "clip_region", "clipped token share"),
+                            (axes[1, 0], "completion_len", "completion tokens (mean)"),
+                            (axes[1, 1], "flat_groups", "groups with one reward for all (no signal)")):
+        ys = col(name)
+        ax.plot(steps[: len(ys)], ys)
+        ax.set_title(label, fontsize=9)
+    ax = axes[1, 2]
+    if batches:
+        ax.plot([b["step"] for b in batches], [b["batch_pass_rate"] for b in batches], "o-", label="batch mean")
+        ax.plot([b["step"] for b in batches], [b["target_mean"] for b in batches], "k--", label="curriculum target")
+    ax.set_title("pass rate of the batch's prompts", fontsize=9)
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("step", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def layer_costs(rows: list[dict], phase: str = "decode", title: str = ""):
     """Stacked bars per layer: attention, FFN and all-reduce seconds of ``phase`` (rows from
     :func:`lnkit.deploy.layer_costs`; the ``lm_head`` row is left out). Returns the figure."""
@@ -351,6 +413,12 @@ def layer_costs(rows: list[dict], phase: str = "decode", title: str = ""):
 def _csv(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def _fusion(d: Path, which: str):
@@ -395,6 +463,8 @@ FIGURES = {
     "06_sft_on_vs_off": ("06_reasoning_sft", "on_vs_off.png", _sft_on_off),
     "06_sft_accuracy": ("06_reasoning_sft", "accuracy.png", lambda d: accuracy_by_difficulty(
         read_json(d / "eval_summary.json"), "stage 06: SFT student, pass@1 by domain")),
+    "07_grpo_accuracy": ("07_grpo", "accuracy_curve.png", lambda d: grpo_accuracy(_csv(d / "eval_curve.csv"))),
+    "07_grpo_training": ("07_grpo", "training.png", lambda d: grpo_training(_csv(d / "train_log.csv"), _jsonl(d / "batches.jsonl"))),
 }
 
 

@@ -16,6 +16,7 @@ module                 stage (folder, notebook)    paper
 ``distill``            ``04_distillation``         §2.2 knowledge distillation, CPT
 ``curation``           ``05_reasoning_data``       §3 synthetic reasoning data
 ``sft``                ``06_reasoning_sft``        §4 reasoning SFT with the toggle
+``grpo``               ``07_grpo``                 §5 GRPO with the pass-rate curriculum
 =====================  ==========================  =============================================
 
 Stages import components (``lnkit.model``, ``lnkit.puzzle``, ``lnkit.train``, ``lnkit.data`` ...) and never
@@ -24,7 +25,7 @@ each other; components never import a stage (checked by import-linter, see ``pyp
 
 from __future__ import annotations
 
-from lnkit.stages import curation, distill, fusion, library, parent, search, sft
+from lnkit.stages import curation, distill, fusion, grpo, library, parent, search, sft
 
-PIPELINE = [parent, library, search, fusion, distill, curation, sft]
+PIPELINE = [parent, library, search, fusion, distill, curation, sft, grpo]
 BY_NAME = {m.NAME: m for m in PIPELINE}
