@@ -1,9 +1,10 @@
 """GRPO's rewards (paper Section 5.1): accuracy and format, as plain functions with TRL's signature.
 
-Each reward is ``fn(prompts, completions, **columns) -> list[float]``, TRL's reward-function contract: the
-prompts and completions are strings (or TRL's conversational lists of ``{"role", "content"}`` messages) and
-every other column of the batch comes as a keyword holding one value per completion. So TRL's own reward
-functions run in our loop, and ours can be handed to ``trl.GRPOTrainer(reward_funcs=[...])`` unchanged.
+Each reward is ``fn(prompts=..., completions=..., **columns) -> list[float]``, TRL's reward-function contract
+(TRL's trainer calls them by keyword): the prompts and completions are strings, or TRL's conversational
+lists of ``{"role", "content"}`` messages, and every other column of the batch comes as a keyword holding
+one value per completion. So TRL's own reward functions run in our loop (``trl:think_format_reward`` in
+stage 07's ``rewards``), and ours can be handed to ``trl.GRPOTrainer(reward_funcs=[...])`` unchanged.
 
 - :func:`accuracy_reward`: 1.0 when the completion's final answer (the part after any think block) solves
   the item by the item's own verifier (:mod:`lnkit.verify`: math-verify for math, the option letter with its
@@ -120,18 +121,35 @@ REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
 
 
 def get_rewards(names: list[str]) -> list:
-    """The reward functions named, in order; an unknown name is an error listing the known ones.
+    """The reward functions named, in order: ours by name, or any of TRL's as ``trl:<function>`` (from
+    ``trl.rewards``; they take the conversational form, which the stage passes). An unknown name is an error
+    listing the known ones.
 
     >>> [f.__name__ for f in get_rewards(["accuracy", "format"])]
     ['accuracy_reward', 'format_reward']
     >>> get_rewards(["length"])
     Traceback (most recent call last):
     ...
-    ValueError: unknown reward 'length'; known rewards: accuracy, format
+    ValueError: unknown reward 'length'; known rewards: accuracy, format, or trl:<a function of trl.rewards>
     """
     out = []
     for name in names:
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
-        out.append(REWARDS[name])
+        if name.startswith("trl:"):
+            out.append(_trl_reward(name[4:]))
+        elif name in REWARDS:
+            out.append(REWARDS[name])
+        else:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, "
+                             "or trl:<a function of trl.rewards>")
     return out
+
+
+def _trl_reward(fn: str):
+    try:
+        import trl.rewards
+    except ImportError:
+        raise ValueError(f"reward 'trl:{fn}' needs trl (pip install trl)") from None
+    known = sorted(n for n in dir(trl.rewards) if not n.startswith("_") and callable(getattr(trl.rewards, n)))
+    if fn not in known:
+        raise ValueError(f"unknown reward 'trl:{fn}'; trl.rewards has {', '.join(known)}")
+    return getattr(trl.rewards, fn)

@@ -97,7 +97,8 @@ class Params(RunParams):
     top_p: float = param(1.0, "rollout nucleus (the paper: 1)", lo=0.01, hi=1.0)
     max_new_tokens: int = param(128, "completion length limit (a cut-off completion earns no accuracy)", lo=1)
     off_fraction: float = param(0.25, "share of prompts asked with 'detailed thinking off'", lo=0.0, hi=1.0)
-    rewards: list[str] = param(["accuracy", "format"], f"reward functions, of {sorted(REWARDS)}", min_items=1)
+    rewards: list[str] = param(["accuracy", "format"], f"reward functions: {sorted(REWARDS)} or trl:<a function "
+                               "of trl.rewards>", min_items=1)
     reward_weights: list[float] = param([1.0, 0.5], "weight of each reward in the sum", min_items=1)
     loss_type: str = param("grpo", "token aggregation of the loss (TRL's loss_type)", choices=list(LOSS_TYPES))
     epsilon_low: float = param(0.2, "clip below: ratio >= 1 - epsilon_low", lo=0.0, hi=0.99)
@@ -369,7 +370,10 @@ class GRPOTrainer:
         texts = [decode(self.tok, r, self.engine) for r in rollouts]
         cols = {"item": [self.items[ids[r.index]] for r in rollouts], "finished": [r.finished for r in rollouts],
                 "mode": [modes[r.index] for r in rollouts]}
-        per_reward = [fn([prompts[r.index] for r in rollouts], texts, **cols) for fn in self.rewards]
+        # completions in TRL's conversational form: TRL's reward functions read completion[0]["content"]
+        convo = [[{"role": "assistant", "content": t}] for t in texts]
+        asked = [prompts[r.index] for r in rollouts]  # called by keyword, as TRL's trainer calls reward functions
+        per_reward = [[float(x) for x in fn(prompts=asked, completions=convo, **cols)] for fn in self.rewards]
         total = torch.tensor([sum(w * rs[j] for w, rs in zip(p.reward_weights, per_reward))
                               for j in range(len(rollouts))])
         adv = group_advantages(total, p.group_size)
