@@ -384,6 +384,51 @@ def grpo_training(log: list[dict], batches: list[dict], title: str = "stage 07: 
     return fig
 
 
+def grpo_curriculum_vs_random(folders: dict, params: dict,
+                              title: str = "Figure 6 analog: curriculum vs random batching (mean, min-max over seeds)"):
+    """From a sweep of stage 07 (``folders``: variant -> run folder; ``params``: variant -> its parameters):
+    held-out target-cell accuracy (greedy) and the training reward against steps, one line per ``order`` (the
+    mean over its seeds, the band their min-max), and the final evaluation's target score per seed."""
+    import statistics
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    by_order: dict[str, list] = {}
+    for name, folder in folders.items():
+        d = Path(folder) / "07_grpo"
+        curve = {int(r["step"]): float(r["accuracy"]) for r in _csv(d / "eval_curve.csv") if r["domain"] == "target"}
+        log = {int(r["step"]): float(r["reward_mean"]) for r in _csv(d / "train_log.csv")}
+        final = read_json(d / "metrics.json")["target"]
+        by_order.setdefault(params[name].get("order", "curriculum"), []).append((curve, log, final, params[name]))
+    for k, (order, runs_) in enumerate(sorted(by_order.items())):
+        color = f"C{k}"
+        for ax, idx in ((axes[0], 0), (axes[1], 1)):
+            steps = sorted(set.intersection(*(set(r[idx]) for r in runs_)))
+            if not steps:
+                continue
+            ys = np.array([[r[idx][s] for s in steps] for r in runs_])
+            ax.plot(steps, ys.mean(0), "o-" if idx == 0 else "-", color=color, ms=3,
+                    label=f"{order} ({len(runs_)} seeds)")
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=color, alpha=0.2)
+        finals = [100 * r[2]["final"] for r in runs_]
+        axes[2].scatter([k] * len(finals), finals, color=color, zorder=3)
+        axes[2].bar(k, statistics.mean(finals), color=color, alpha=0.35, width=0.6)
+        starts = [100 * r[2]["start"] for r in runs_]
+        axes[2].hlines(statistics.mean(starts), k - 0.35, k + 0.35, colors="k", linestyles="--")
+    axes[0].set_title("held-out target cells, thinking on (greedy)", fontsize=9)
+    axes[0].set_ylabel("pass@1")
+    axes[1].set_title("training reward (accuracy + format)", fontsize=9)
+    axes[2].set_xticks(range(len(by_order)), sorted(by_order))
+    axes[2].set_title("final target score, % (dashed: start)", fontsize=9)
+    for ax in axes[:2]:
+        ax.set_xlabel("GRPO optimizer step")
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def layer_costs(rows: list[dict], phase: str = "decode", title: str = ""):
     """Stacked bars per layer: attention, FFN and all-reduce seconds of ``phase`` (rows from
     :func:`lnkit.deploy.layer_costs`; the ``lm_head`` row is left out). Returns the figure."""
@@ -466,6 +511,10 @@ FIGURES = {
     "07_grpo_accuracy": ("07_grpo", "accuracy_curve.png", lambda d: grpo_accuracy(_csv(d / "eval_curve.csv"))),
     "07_grpo_training": ("07_grpo", "training.png", lambda d: grpo_training(_csv(d / "train_log.csv"), _jsonl(d / "batches.jsonl"))),
 }
+
+
+# sweep figures (lnkit.sweeps): name -> draw(variant folders, variant parameters) -> figure
+SWEEP_FIGURES = {"grpo_curriculum_vs_random": grpo_curriculum_vs_random}
 
 
 def stage_figures(stage: str) -> list[str]:
