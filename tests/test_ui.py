@@ -161,3 +161,44 @@ def test_budget_explorer_in_jupyterlab_on_the_smoke_run(smoke_run, lab, browser)
     page.locator(".widget-interact").scroll_into_view_if_needed()
     page.screenshot(path=SHOTS / f"{name}-2-moved.png")
     page.close()
+
+
+def batch_entry(b: int) -> dict:
+    return {"batch": b, "step": 2 * b, "pass_rates": [0.1, 0.4, 0.6], "target": [0.1] * 10, "target_mean": 0.5,
+            "reward_mean": 0.5 + 0.1 * b, "reward_std": 0.2, "accuracy_reward": 0.3, "completion_len": 30.0}
+
+
+def test_live_rl_panel_refreshes_in_jupyterlab(lab, browser, tmp_path):
+    """Stage 07's live panel pointed at a run folder that another process is writing: it shows the first
+    rollout batch, picks up the next one within seconds, and stops once the stage's marker appears."""
+    import json
+
+    from lnkit.checkpoints import MARKER
+
+    d = tmp_path / "run" / "07_grpo"
+    d.mkdir(parents=True)
+    (d / "batches.jsonl").write_text(json.dumps(batch_entry(0)) + "\n")
+    name = "live_panel.ipynb"
+    cell = f"from lnkit import rlview\nrlview.live_panel({str(tmp_path / 'run')!r}, every_s=1)"
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": "0", "metadata": {}, "outputs": [],
+                     "source": cell}], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                    "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (lab.root / name).write_text(json.dumps(nb))
+    page = lab_ui.open_notebook(browser, lab, name)
+    status = page.locator(".jp-NotebookPanel .widget-html")
+    with shot_on_failure(page, name):
+        lab_ui.run_all_cells(page, 60)
+        lab_ui.wait_for_widgets(page)
+        assert lab_ui.problems(page) == []
+        assert "running; rollout batch 0" in status.inner_text()
+        assert page.locator(".jp-NotebookPanel .widget-image").get_attribute("src").startswith("blob:")
+        with open(d / "batches.jsonl", "a") as f:  # the run goes on elsewhere
+            f.write(json.dumps(batch_entry(1)) + "\n")
+        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
+                               "?.innerText.includes('rollout batch 1')", timeout=20e3)
+        (d / MARKER).write_text("{}")
+        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
+                               "?.innerText.includes('finished')", timeout=20e3)
+    page.screenshot(path=SHOTS / f"{name}-1-live.png")
+    page.close()
