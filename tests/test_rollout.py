@@ -69,6 +69,21 @@ def test_greedy_tokens_equal_transformers_generate(model, tok):
         assert len(r.completion_ids) == len(r.logprobs) <= 24
 
 
+def test_the_engine_samples_from_the_weights_the_model_has_now(model, tok):
+    """A trainer updates the model in place between rollouts: the next rollout must use every new weight
+    (the fused q/k/v and gate/up copies included), not the ones the engine saw first."""
+    ids = prompts(tok, n=4, seed=6)
+    engine = TorchEngine(model, tok, max_batch=4)
+    before = engine.sample(ids, max_new_tokens=12, temperature=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                p.add_(0.5 * torch.randn_like(p))
+    after = engine.sample(ids, max_new_tokens=12, temperature=0.0)
+    assert [r.completion_ids for r in after] == hf_greedy(model, tok, ids, 12)
+    assert [r.completion_ids for r in after] != [r.completion_ids for r in before]
+
+
 def test_logprobs_are_the_sampling_distributions(model, tok):
     ids = prompts(tok, n=4, seed=1)
     got = TorchEngine(model, tok, max_batch=2).sample(ids, n=2, max_new_tokens=16, temperature=0.7, seed=3)

@@ -11,7 +11,9 @@ One interface, :class:`RolloutEngine` (``sample``, ``load_weights``), two backen
   :func:`lnkit.generate.generate` spend most of a tiny model's step (``benchmarks/rollout_speed.py`` measures
   the ratio). When the queue is empty and half the slots are idle, the cache is compacted to the live rows.
   With ``fp8=True``, every linear layer runs on e4m3 quantise-dequantised weights (one scale per tensor) and
-  inputs (one scale per token): the numerics of FP8 rollouts, emulated (paper Section 5.2.3).
+  inputs (one scale per token): the numerics of FP8 rollouts, emulated (paper Section 5.2.3). The fused
+  q/k/v and gate/up matrices (and the FP8 copies) are rebuilt from the model at every ``sample`` call, so
+  the engine always samples from the weights the trainer has now.
 - ``vllm`` (GPU; :mod:`lnkit.vllm_backend`): the same call on vLLM, ``quantization="fp8"`` for real FP8, and
   ``load_weights`` pushing the trainer's weights into the running engine (the paper's hot swap).
 
@@ -140,7 +142,8 @@ class TorchEngine(RolloutEngine):
         self.load_weights(model)
 
     def load_weights(self, model) -> None:
-        """Read the model's modules again (a new model, or new weights: FP8 copies are re-quantised)."""
+        """Read the model's modules (another model, or new weights: fused and FP8 copies are rebuilt).
+        :meth:`sample` calls it itself, so training between two calls needs nothing else."""
         self.model = model
         inner = model.model
         self.embed, self.final_norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
@@ -228,6 +231,9 @@ class TorchEngine(RolloutEngine):
             return []
         if any(not p for _, p in jobs):
             raise ValueError("an empty prompt cannot be sampled from")
+        # The fused projections (and FP8 copies) are copies of the model's weights: read them again on every
+        # call, so a trainer's updates since the last call are always what is sampled from.
+        self.load_weights(self.model)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -363,8 +363,7 @@ class GRPOTrainer:
         modes = [mode_of(p, b, i) for i in ids]
         prompts = [render_prompt(self.items[i].prompt, m) for i, m in zip(ids, modes)]
         encoded = [self.tok(x, add_special_tokens=False)["input_ids"] for x in prompts]
-        if p.fp8_rollouts:
-            self.engine.load_weights(self.policy)  # re-quantise the current weights
+        # the engine reads the current weights itself (FP8: re-quantised) at every call
         rollouts = self.engine.sample(encoded, n=p.group_size, max_new_tokens=p.max_new_tokens,
                                       temperature=p.temperature, top_p=p.top_p, seed=p.seed * 100_003 + b)
         texts = [decode(self.tok, r, self.engine) for r in rollouts]
