@@ -248,6 +248,19 @@ def test_completed_stage_is_skipped_and_force_reruns(smoke, capsys):
     assert "skipped" in capsys.readouterr().out and marker.read_text() == before
 
 
+def test_force_reruns_from_scratch_not_from_the_last_checkpoint(smoke, capsys):
+    """A forced rerun must recompute: a training checkpoint of the earlier attempt (same parameters) would
+    otherwise be resumed at its last step, and nothing would be trained again."""
+    d = smoke["run_dir"] / "07_grpo"
+    (d / "leftover.txt").write_text("from the earlier attempt")
+    assert (d / "train_state").is_dir()
+    assert runs.main([str(smoke["path"]), "--only", "07_grpo", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "--force: the earlier attempt set aside" in out  # its checkpoint with it: nothing to resume
+    assert not (d / "leftover.txt").exists() and (d / "_COMPLETE.json").exists()
+    assert not (smoke["run_dir"] / ".07_grpo.before-force").exists()  # dropped once the rerun completed
+
+
 def test_corrupt_checkpoint_is_named_and_not_overwritten(smoke):
     weights = smoke["run_dir"] / "00_parent" / "model" / "model.safetensors"
     data = weights.read_bytes()

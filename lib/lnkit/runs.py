@@ -14,8 +14,10 @@ stage::
 Relative paths in a run file (``run_dir`` and every ``*_dir`` / ``*_checkpoint`` parameter) are relative
 to the folder the run file is in, so a run means the same folders from the command line, a notebook or a
 cluster job. All stages' parameters are validated before anything runs. A stage whose completion marker
-matches its parameters is skipped (``--force`` reruns it), unless an earlier stage of the run completed
-after it did: then its inputs changed and it reruns. A failing stage stops the run with exit code 1 and
+matches its parameters is skipped, unless an earlier stage of the run completed after it did: then its
+inputs changed and it reruns. ``--force`` reruns it from scratch: its folder is set aside first, so no
+training checkpoint or cached evaluation of the earlier attempt is resumed, and put back if the rerun
+fails (a crashed stage rerun without ``--force`` resumes from its last checkpoint). A failing stage stops the run with exit code 1 and
 names the notebook, the cell and the error; earlier stages' artifacts are left as they are. The run file,
 resolved, is kept as ``<run_dir>/run.yaml``, so a notebook can be pointed at the run folder itself.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import time
 from dataclasses import MISSING, fields
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be done)")
     ap.add_argument("--until", metavar="STAGE", help="stop after this stage (with --from: a range)")
     ap.add_argument("--only", metavar="STAGE", help="run only this stage")
-    ap.add_argument("--force", action="store_true", help="rerun stages even if complete with these parameters")
+    ap.add_argument("--force", action="store_true",
+                    help="rerun stages from scratch (their folders cleared) even if complete with these parameters")
     a = ap.parse_args(argv)
     try:
         head, params = load_run(a.run_file)
@@ -304,7 +308,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{name}] complete with these parameters; skipped (--force reruns it)")
                     continue
                 print(f"[{name}] complete, but {newer} finished after it: rerunning")
-            run_stage(name, params[name], head["run"], run_file=Path(head["run_dir"]) / RUN_COPY)
+            aside = set_aside(Path(head["run_dir"]), name) if a.force else None
+            try:
+                run_stage(name, params[name], head["run"], run_file=Path(head["run_dir"]) / RUN_COPY)
+            except BaseException:
+                if aside is not None:
+                    put_back(Path(head["run_dir"]), name, aside)
+                raise
+            if aside is not None:
+                shutil.rmtree(aside)
         runview.print_summary(names, head["run_dir"], headline)
     except BaseException as e:  # a failed stage, Ctrl-C, or a bug
         if runview.LEDGER:  # a stage ran, so the run file loaded: show how far the run got
@@ -317,6 +329,33 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         raise
     return 0
+
+
+def set_aside(run_dir: Path, name: str) -> Path | None:
+    """Before a forced rerun, move the stage's folder to ``<run_dir>/.<stage>.before-force``: the rerun
+    starts from scratch (no training checkpoint of the earlier attempt is resumed), and a failure can put
+    the earlier artifacts back. A link (a sweep's shared stage) is refused."""
+    d = run_dir / name
+    if d.is_symlink():
+        raise RunError(f"stage {name}: {d} is a link to another run's stage; --force would rerun that run's stage")
+    if not d.exists():
+        return None
+    aside = run_dir / f".{name}.before-force"
+    if aside.exists():
+        shutil.rmtree(aside)
+    d.rename(aside)
+    print(f"[{name}] --force: the earlier attempt set aside in {aside} until this one completes")
+    return aside
+
+
+def put_back(run_dir: Path, name: str, aside: Path) -> None:
+    """A forced rerun failed: drop what it wrote and restore the earlier attempt's artifacts, without its
+    completion marker (the next plain run redoes the stage)."""
+    d = run_dir / name
+    shutil.rmtree(d, ignore_errors=True)
+    aside.rename(d)
+    (d / MARKER).unlink(missing_ok=True)
+    print(f"[{name}] the forced rerun failed: the earlier artifacts are back in {d}", file=sys.stderr)
 
 
 def stale_because(run_dir, earlier: list[str], name: str) -> str | None:
