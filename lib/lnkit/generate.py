@@ -112,7 +112,7 @@ def _generate_engine(model, tok, prompts, *, max_new_tokens, temperature, top_p,
     out = []
     for r in engine.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            progress=progress):
-        toks = r.completion_ids[:-1] if r.finished else r.completion_ids
+        toks = r.text_ids()
         out.append({"text": tok.decode(toks, skip_special_tokens=False), "tokens": len(toks), "finished": r.finished})
     return out
 

@@ -61,8 +61,8 @@ def _item(i: int, columns: dict):
     missing = [k for k in ("gold", "verifier") if k not in columns]
     if missing:
         raise KeyError(f"accuracy_reward needs an 'item' column, or 'gold' and 'verifier'; missing {missing}")
-    return SimpleNamespace(id=str(columns.get("id", [i] * (i + 1))[i]), gold=columns["gold"][i],
-                           verifier=columns["verifier"][i], meta=(columns.get("meta") or [{}] * (i + 1))[i] or {})
+    return SimpleNamespace(id=str(columns["id"][i]) if "id" in columns else str(i), gold=columns["gold"][i],
+                           verifier=columns["verifier"][i], meta=(columns["meta"][i] if "meta" in columns else None) or {})
 
 
 def accuracy_reward(prompts, completions, **columns) -> list[float]:

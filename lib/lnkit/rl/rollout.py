@@ -44,6 +44,10 @@ class Rollout:
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
 
+    def text_ids(self) -> list[int]:
+        """The completion's tokens without its stop token: what is decoded as the answer's text."""
+        return self.completion_ids[:-1] if self.finished else self.completion_ids
+
 
 class RolloutEngine:
     """What stage 07 needs of a backend."""

@@ -191,7 +191,7 @@ def estimate_pass_rates(engine: TorchEngine, tok, items: list[Item], p: Params) 
     with progress_bar(total=len(ids) * p.pass_k, desc="pass rates", disable=not p.progress) as bar:
         rollouts = engine.sample(ids, n=p.pass_k, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                                  top_p=p.top_p, seed=p.seed + 7919, progress=bar)
-    texts = [decode(tok, r, engine) for r in rollouts]
+    texts = [decode(tok, r) for r in rollouts]
     rewards = accuracy_reward([prompts[r.index] for r in rollouts], texts, item=[items[r.index] for r in rollouts],
                               finished=[r.finished for r in rollouts])
     per = [0.0] * len(items)
@@ -200,9 +200,9 @@ def estimate_pass_rates(engine: TorchEngine, tok, items: list[Item], p: Params) 
     return {it.id: round(v, 6) for it, v in zip(items, per)}
 
 
-def decode(tok, rollout, engine) -> str:
-    ids = rollout.completion_ids[:-1] if rollout.finished else rollout.completion_ids
-    return tok.decode(ids, skip_special_tokens=False)
+def decode(tok, rollout) -> str:
+    """A completion's text, without its stop token."""
+    return tok.decode(rollout.text_ids(), skip_special_tokens=False)
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -366,7 +366,7 @@ class GRPOTrainer:
         # the engine reads the current weights itself (FP8: re-quantised) at every call
         rollouts = self.engine.sample(encoded, n=p.group_size, max_new_tokens=p.max_new_tokens,
                                       temperature=p.temperature, top_p=p.top_p, seed=p.seed * 100_003 + b)
-        texts = [decode(self.tok, r, self.engine) for r in rollouts]
+        texts = [decode(self.tok, r) for r in rollouts]
         cols = {"item": [self.items[ids[r.index]] for r in rollouts], "finished": [r.finished for r in rollouts],
                 "mode": [modes[r.index] for r in rollouts]}
         # completions in TRL's conversational form: TRL's reward functions read completion[0]["content"]
