@@ -260,7 +260,8 @@ def test_sysv_shared_memory_does_not_outlive_the_run():
     assert r.ok, r
     made, big = r.stdout.rsplit(maxsplit=1)
     assert all(int(x) >= 0 for x in made.strip("[]").split(",")), r.stdout  # they were made, inside
-    assert int(big) == -1  # 256 MiB is above the namespace's shmmax
+    if "ipc-limits" in r.layers:
+        assert int(big) == -1  # 256 MiB is above the namespace's shmmax
     assert host_shm_segments() <= before
 
 

@@ -126,11 +126,15 @@ def isolate(cfg):
     if libc.unshare(clone_newnet) == 0:
         layers.append("netns")
     if libc.unshare(clone_newipc) == 0:  # SysV IPC and POSIX queues of its own, gone with the run
-        mb = 1 << 20
-        write("/proc/sys/kernel/shmmax", str(cfg["file_mb"] * mb))  # the /proc still mounted is the host's,
-        write("/proc/sys/kernel/shmall", str(cfg["file_mb"] * mb // 4096))  # but these files are per IPC ns
-        write("/proc/sys/kernel/shmmni", "8")
         layers.append("ipcns")
+        mb = 1 << 20
+        try:  # the /proc still mounted is the host's, but these files are per IPC namespace
+            write("/proc/sys/kernel/shmmax", str(cfg["file_mb"] * mb))
+            write("/proc/sys/kernel/shmall", str(cfg["file_mb"] * mb // 4096))
+            write("/proc/sys/kernel/shmmni", "8")
+            layers.append("ipc-limits")
+        except OSError:  # a read-only /proc/sys: the namespace still ends with the run; the cgroup bounds it
+            pass
     mntns = libc.unshare(clone_newns) == 0
     if libc.unshare(clone_newpid) == 0:
         layers.append("pidns")
