@@ -51,7 +51,7 @@ from lnkit.data.chat import render_prompt
 from lnkit.data.splits import load_split
 from lnkit.data.tasks import MAX_DIFFICULTY, Item
 from lnkit.eval import evaluate, summarize
-from lnkit.io import atomic_write_json, atomic_write_text, file_digest, read_json
+from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.progress import progress_bar
 from lnkit.rl.batch import rollout_batch
@@ -445,11 +445,10 @@ class GRPOTrainer:
             points.append({"step": step, "mode": "on", "domain": "target", "accuracy": round(statistics.mean(target), 4),
                            "compliance": "", "mean_tokens": ""})
         old = [r for r in self.read_curve() if int(r["step"]) < step]
-        with (self.out / "eval_curve.csv.tmp").open("w", newline="") as f:
+        with atomic_path(self.out / "eval_curve.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, ["step", "mode", "domain", "accuracy", "compliance", "mean_tokens"])
             w.writeheader()
             w.writerows(old + points)
-        (self.out / "eval_curve.csv.tmp").replace(self.out / "eval_curve.csv")
 
     def read_curve(self) -> list[dict]:
         path = self.out / "eval_curve.csv"

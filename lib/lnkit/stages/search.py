@@ -195,15 +195,20 @@ def price_blocks(p: Params, library, parent_config) -> tuple[list[dict], float]:
         return analytic_costs(library, parent_config.to_dict(), p.gpu, p.batch_size, p.prompt_len, p.decode_len), 0.0
     cands = [e.candidate for e in library.entries.values()]
     setup = cost_table.setup_of(parent_config, p.batch_size, p.prompt_len, p.decode_len)
+
+    def measure_into(path):
+        table = cost_table.measure(cands, parent_config, p.batch_size, p.prompt_len, p.decode_len,
+                                   rounds=p.cost_rounds, progress=p.progress)
+        cost_table.save(table, path)
+        return table
+
     path = cost_table.packaged(setup) if p.cost_source == "table" else None
     if path is None:
         path = Path(p.run_dir) / "cost_tables" / f"{cost_table.setup_digest(setup)}.json"
         if p.cost_source == "table":
             print(f"no packaged cost table for this setup ({setup}): timing blocks on this machine once")
         if p.remeasure_costs or not path.exists():
-            table = cost_table.measure(cands, parent_config, p.batch_size, p.prompt_len, p.decode_len,
-                                       rounds=p.cost_rounds, progress=p.progress)
-            cost_table.save(table, path)
+            measure_into(path)
     table = cost_table.load(path)
     if table["setup"] != setup:
         raise ArtifactError(f"{path}: measured for {table['setup']}, not this setup {setup}")
@@ -211,9 +216,7 @@ def price_blocks(p: Params, library, parent_config) -> tuple[list[dict], float]:
         if p.cost_source == "table" and path.parent == cost_table.PACKAGED:
             raise ArtifactError(f"{path} lacks blocks of this library: {cost_table.missing(table, cands)[:3]}; "
                                 "set cost_source='measured' to time them here")
-        table = cost_table.measure(cands, parent_config, p.batch_size, p.prompt_len, p.decode_len,
-                                   rounds=p.cost_rounds, progress=p.progress)
-        cost_table.save(table, path)
+        table = measure_into(path)
     print(f"prices: {cost_table.describe(table, path)}")
     cost_table.save(table, out / "cost_table.json")
     return costs_from_table(library, parent_config, table), float(table["rest_decode_s"])
