@@ -153,6 +153,27 @@ def test_trl_reward_functions_plug_into_the_stage(smoke_parent, tmp_path):
     assert (run_dir / grpo.NAME / "model" / "model.safetensors").exists()
 
 
+def test_runs_differing_in_seed_share_pass_rates_and_start_evaluation(smoke_parent, tmp_path, monkeypatch):
+    """A sweep's variants: the first estimates pass rates and evaluates the start once, in cache_dir; the
+    next (another training seed) reads both, so the same data and baseline, and neither is recomputed."""
+    first, second = fresh(smoke_parent, tmp_path / "a"), fresh(smoke_parent, tmp_path / "b")
+    cache = tmp_path / "cache"
+    run_stage(first, steps=2, ckpt_every=2, seed=0, cache_dir=str(cache))
+    assert sorted(f.name.split("-")[0] for f in cache.iterdir()) == ["eval_start", "pass_rates"]
+
+    def refuse(*a, **k):
+        raise AssertionError("recomputed what the cache holds")
+
+    monkeypatch.setattr(grpo, "estimate_pass_rates", refuse)
+    monkeypatch.setattr(grpo, "run_eval", refuse)
+    with pytest.raises(AssertionError, match="recomputed"):  # the final evaluation is the run's own
+        run_stage(second, steps=2, ckpt_every=2, seed=1, cache_dir="../../cache")  # relative to run_dir
+    a, b = (json.loads((d / grpo.NAME / f).read_text()) for d in (first, second) for f in ("pass_rates.json",))
+    assert a == b
+    a, b = (json.loads((d / grpo.NAME / "eval_start.json").read_text())["rows"] for d in (first, second))
+    assert a == b
+
+
 # ---------------------------------------------------------------------------------------------- rewards
 
 

@@ -384,6 +384,38 @@ def grpo_training(log: list[dict], batches: list[dict], title: str = "stage 07: 
     return fig
 
 
+def alignment_phases(phases: list[dict], title: str = "stage 08: alignment, phase by phase"):
+    """Two panels over the phases (start, RLOO, RPO rounds, DPO): IFEval prompt-level strict accuracy on
+    held-out prompts, and the win rate against the baseline's answers as the gold judge sees it (with its 95%
+    interval) and as the reward model sees it (dotted), thinking on (solid) and off (dashed)."""
+    order = list(dict.fromkeys(r["phase"] for r in phases))
+    x = range(len(order))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for mode, style in (("on", "-"), ("off", "--")):
+        rows = {r["phase"]: r for r in phases if r["mode"] == mode}
+        a.plot(x, [float(rows[ph]["prompt_level_strict_acc"]) for ph in order], style, marker="o", color="C0",
+               label=f"thinking {mode}")
+        gold = [float(rows[ph]["win_rate_gold"]) for ph in order]
+        lo = [float(rows[ph]["win_low"]) for ph in order]
+        hi = [float(rows[ph]["win_high"]) for ph in order]
+        b.errorbar(x, gold, yerr=[[g - low for g, low in zip(gold, lo)], [h - g for g, h in zip(gold, hi)]],
+                   fmt=style, marker="o", color="C1", capsize=3, label=f"gold judge, thinking {mode}")
+        rm = [(i, float(rows[ph]["win_rate_rm"])) for i, ph in enumerate(order) if rows[ph]["win_rate_rm"] != ""]
+        if rm:
+            b.plot(*zip(*rm), style, marker="s", color="C2", alpha=0.8, label=f"reward model, thinking {mode}")
+    a.set_title("IFEval prompt-level strict accuracy (held-out)")
+    b.set_title("win rate vs the baseline's answers (ties half)")
+    b.axhline(0.5, color="grey", lw=0.8, ls=":")
+    for ax in (a, b):
+        ax.set_xticks(list(x), order, rotation=20)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def grpo_curriculum_vs_random(folders: dict, params: dict,
                               title: str = "Figure 6 analog: curriculum vs random batching (mean, min-max over seeds)"):
     """From a sweep of stage 07 (``folders``: variant -> run folder; ``params``: variant -> its parameters):
@@ -510,6 +542,7 @@ FIGURES = {
         read_json(d / "eval_summary.json"), "stage 06: SFT student, pass@1 by domain")),
     "07_grpo_accuracy": ("07_grpo", "accuracy_curve.png", lambda d: grpo_accuracy(_csv(d / "eval_curve.csv"))),
     "07_grpo_training": ("07_grpo", "training.png", lambda d: grpo_training(_csv(d / "train_log.csv"), _jsonl(d / "batches.jsonl"))),
+    "08_alignment_phases": ("08_alignment", "phases.png", lambda d: alignment_phases(_csv(d / "phases.csv"))),
 }
 
 

@@ -1,4 +1,4 @@
-"""The live RL panel: stage 07's curves, redrawn from the run's files every few seconds.
+"""The live RL panel: stage 07's (or stage 08's) curves, redrawn from the run's files every few seconds.
 
 It reads only files (``batches.jsonl``, written every rollout batch; ``train_log.csv``, at each checkpoint;
 ``eval_curve.csv``, at each curve point), so it shows the same thing for a run in progress in this kernel,
@@ -9,7 +9,9 @@ Point it at a run folder::
     rlview.live_panel("runs/tiny")       # in a notebook cell
 
 A background thread redraws it every ``every_s`` seconds while the stage runs and stops once the stage's
-completion marker appears (or when the "live" button is switched off).
+completion marker appears (or when the "live" button is switched off). ``stage="08_alignment"`` draws stage
+08's phases instead: RLOO's rewards and KL, the reward model's loss and pair accuracy, each RPO or DPO
+round's loss and margin, and IFEval and the win rates after each phase.
 """
 
 from __future__ import annotations
@@ -32,17 +34,28 @@ from lnkit.checkpoints import MARKER, stage_dir
 STAGE = "07_grpo"
 
 
+ALIGNMENT = "08_alignment"
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        with open(path) as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
 def read_state(run_dir: str | Path, stage: str = STAGE) -> dict:
-    """What the panel draws: ``batches`` (list of dicts), ``log`` and ``curve`` (CSV rows), ``done``."""
+    """What the panel draws: ``batches`` (list of dicts), ``log`` and ``curve`` (CSV rows), ``done``; for stage
+    08, ``logs`` (each phase's training log) and ``phases`` (its evaluations)."""
     d = stage_dir(run_dir, stage)
+    if stage == ALIGNMENT:
+        logs = {sub.name: _rows(sub / "train_log.csv") for sub in sorted(d.glob("*")) if (sub / "train_log.csv").exists()}
+        return {"logs": logs, "phases": _rows(d / "phases.csv"), "done": (d / MARKER).is_file(), "folder": str(d),
+                "batches": []}
 
     def rows(name):
-        p = d / name
-        try:
-            with open(p) as f:
-                return list(csv.DictReader(f))
-        except OSError:
-            return []
+        return _rows(d / name)
 
     batches = []
     try:
@@ -51,6 +64,53 @@ def read_state(run_dir: str | Path, stage: str = STAGE) -> dict:
         pass
     return {"batches": batches, "log": rows("train_log.csv"), "curve": rows("eval_curve.csv"),
             "done": (d / MARKER).is_file(), "folder": str(d)}
+
+
+def alignment_figure(state: dict):
+    """Stage 08: RLOO's rewards and KL, the reward model's training, the preference rounds' loss and margin,
+    and IFEval and the win rates (gold judge, reward model) after each phase, thinking on."""
+    fig, axes = plt.subplots(2, 3, figsize=(11, 5.4))
+    logs = state["logs"]
+
+    def curve(ax, log, name, **kw):
+        pts = [(int(r["step"]), float(r[name])) for r in log if r.get(name) not in (None, "")]
+        if pts:
+            ax.plot(*zip(*pts), **kw)
+
+    rloo = logs.get("rloo", [])
+    curve(axes[0, 0], rloo, "follow_reward", label="instructions followed")
+    curve(axes[0, 0], rloo, "format_reward", label="format")
+    axes[0, 0].set_title("RLOO rewards", fontsize=9)
+    curve(axes[0, 1], rloo, "kl")
+    axes[0, 1].set_title("RLOO: KL to the start (per completion)", fontsize=9)
+    rm = logs.get("reward_model_train", [])
+    curve(axes[0, 2], rm, "loss", label="loss")
+    curve(axes[0, 2], rm, "pair_accuracy", label="pair accuracy (batch)")
+    axes[0, 2].set_title("reward model", fontsize=9)
+    for name, log in logs.items():
+        if name.startswith(("rpo_", "dpo_")):
+            curve(axes[1, 0], log, "loss", label=name)
+            curve(axes[1, 1], log, "margin", label=name)
+    axes[1, 0].set_title("preference loss per round", fontsize=9)
+    axes[1, 1].set_title("implicit reward margin (chosen - rejected)", fontsize=9)
+    ax = axes[1, 2]
+    on = [r for r in state["phases"] if r["mode"] == "on"]
+    if on:
+        x = range(len(on))
+        ax.plot(x, [float(r["prompt_level_strict_acc"]) for r in on], "o-", label="IFEval prompt strict")
+        ax.plot(x, [float(r["win_rate_gold"]) for r in on], "s-", label="win rate, gold judge")
+        rmw = [(i, float(r["win_rate_rm"])) for i, r in enumerate(on) if r["win_rate_rm"] != ""]
+        if rmw:
+            ax.plot(*zip(*rmw), "s:", label="win rate, reward model")
+        ax.set_xticks(list(x), [r["phase"] for r in on], fontsize=7)
+        ax.set_ylim(-0.03, 1.03)
+    ax.set_title("after each phase (thinking on)", fontsize=9)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
 
 
 def figure(state: dict):
@@ -107,6 +167,11 @@ def figure(state: dict):
 
 
 def status(state: dict) -> str:
+    if "logs" in state:
+        done = [r["phase"] for r in state["phases"] if r["mode"] == "on"]
+        steps = {k: len(v) for k, v in state["logs"].items()}
+        return (f"{state['folder']}: {'finished' if state['done'] else 'running'}; phases evaluated: "
+                f"{', '.join(done) or 'none yet'}; steps logged: {steps or 'none yet'}")
     b = state["batches"]
     if not b:
         return f"{state['folder']}: no rollout batch yet"
@@ -117,7 +182,7 @@ def status(state: dict) -> str:
 
 
 def png(state: dict) -> bytes:
-    fig = figure(state)
+    fig = alignment_figure(state) if "logs" in state else figure(state)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

@@ -14,8 +14,10 @@ One interface, :class:`RolloutEngine` (``sample``, ``load_weights``), two backen
   inputs (one scale per token): the numerics of FP8 rollouts, emulated (paper Section 5.2.3). The fused
   q/k/v and gate/up matrices (and the FP8 copies) are rebuilt from the model at every ``sample`` call, so
   the engine always samples from the weights the trainer has now.
-- ``vllm`` (GPU; :mod:`lnkit.vllm_backend`): the same call on vLLM, ``quantization="fp8"`` for real FP8, and
+- ``vllm`` (GPU; :mod:`lnkit.rl.vllm_engine`): the same call on vLLM, ``quantization="fp8"`` for real FP8, and
   ``load_weights`` pushing the trainer's weights into the running engine (the paper's hot swap).
+
+:func:`lnkit.rl.engines.make_engine` picks one by name.
 
 Sampling is temperature + top-p from a seeded generator; each returned log-probability is the sampled token's
 under the distribution actually sampled from (logits / temperature), what GRPO's ratio needs as pi_old when
@@ -324,3 +326,4 @@ class TorchEngine(RolloutEngine):
             tokens, logps = self._pick(logits[:, -1], temperature, top_p, gen)
             take(live, tokens[live], logps[live])
         return out
+

@@ -17,6 +17,7 @@ module                 stage (folder, notebook)    paper
 ``curation``           ``05_reasoning_data``       §3 synthetic reasoning data
 ``sft``                ``06_reasoning_sft``        §4 reasoning SFT with the toggle
 ``grpo``               ``07_grpo``                 §5 GRPO with the pass-rate curriculum
+``alignment``          ``08_alignment``            §6 RLOO, a reward model, online RPO
 =====================  ==========================  =============================================
 
 Stages import components (``lnkit.model``, ``lnkit.puzzle``, ``lnkit.train``, ``lnkit.data`` ...) and never
@@ -25,7 +26,7 @@ each other; components never import a stage (checked by import-linter, see ``pyp
 
 from __future__ import annotations
 
-from lnkit.stages import curation, distill, fusion, grpo, library, parent, search, sft
+from lnkit.stages import alignment, curation, distill, fusion, grpo, library, parent, search, sft
 
-PIPELINE = [parent, library, search, fusion, distill, curation, sft, grpo]
+PIPELINE = [parent, library, search, fusion, distill, curation, sft, grpo, alignment]
 BY_NAME = {m.NAME: m for m in PIPELINE}

@@ -36,6 +36,7 @@ rewards, the best-rewarded answers), ``eval_curve.csv``, ``eval_start.json``, ``
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import statistics
@@ -56,9 +57,10 @@ from lnkit.params import ParamError, RunParams, param
 from lnkit.progress import progress_bar
 from lnkit.rl.batch import rollout_batch
 from lnkit.rl.curriculum import ORDERS, Curriculum, filter_by_pass_rate
+from lnkit.rl.engines import BACKENDS, make_engine
 from lnkit.rl.grpo import LOSS_TYPES, LossConfig, group_advantages, grpo_loss, token_logprobs
 from lnkit.rl.rewards import REWARDS, accuracy_reward, get_rewards
-from lnkit.rl.rollout import TorchEngine
+from lnkit.rl.rollout import RolloutEngine
 from lnkit.train.loop import LoopConfig, train_loop
 
 NAME = "07_grpo"
@@ -69,7 +71,8 @@ TRAIN_FIELDS = ("seed", "device", "init", "pass_rate_model", "prompts", "pass_k"
                 "curriculum_start", "curriculum_end", "curriculum_sigma", "steps", "num_iterations",
                 "prompts_per_batch", "group_size", "temperature", "top_p", "max_new_tokens", "off_fraction",
                 "rewards", "reward_weights", "loss_type", "epsilon_low", "epsilon_high", "beta", "lr", "warmup",
-                "fp8_rollouts", "tis_cap", "drop_flat_groups", "ckpt_every", "spike_factor", "max_rollbacks")
+                "fp8_rollouts", "tis_cap", "rollout_backend", "drop_flat_groups", "ckpt_every", "spike_factor",
+                "max_rollbacks")
 
 
 @dataclass
@@ -110,7 +113,9 @@ class Params(RunParams):
     fp8_rollouts: bool = param(False, "sample from an FP8 (e4m3, emulated on CPU) copy of the policy")
     tis_cap: float = param(0.0, "truncated importance sampling for rollouts from another policy: weight "
                            "min(pi / pi_rollout, cap); 0: off", lo=0.0)
-    rollout_slots: int = param(128, "rollout engine batch (KV-cache slots)", lo=1)
+    rollout_backend: str = param("torch", "rollout engine: torch (CPU or GPU) or vllm (GPU, the gpu extra; weights "
+                                 "pushed into the running engine before each rollout batch)", choices=list(BACKENDS))
+    rollout_slots: int = param(128, "rollout engine batch (KV-cache slots; torch backend)", lo=1)
     ckpt_every: int = param(10, "steps between checkpoints; a multiple of num_iterations", lo=1)
     spike_factor: float = param(25.0, "guard: roll back on a NaN/inf or a grad norm > this x the recent median; "
                                 "0 turns it off", lo=0.0)
@@ -118,6 +123,10 @@ class Params(RunParams):
     eval_every: int = param(10, "steps between held-out curve points (greedy, both modes)", lo=1)
     curve_n: int = param(10, "curve: test items per domain and level", lo=1)
     eval_k: int = param(4, "final evaluation: samples per prompt with thinking on, math and science", lo=1, hi=64)
+    eval_seed: int = param(0, "seed of the pass-rate samples and of every evaluation's samples; kept apart from "
+                           "seed, so runs that differ in seed alone share them", lo=0)
+    cache_dir: str = param("", "a folder shared between runs (a sweep's variants) where pass rates and the starting "
+                           "model's evaluation are kept by what they depend on; relative to run_dir; '' = none")
     eval_max_new_tokens: int = param(128, "evaluation generation limit", lo=1)
 
     def check(self):
@@ -184,13 +193,13 @@ def mode_of(p: Params, batch_index: int, item_id: str) -> str:
     return "off" if random.Random(f"{p.seed}:mode:{batch_index}:{item_id}").random() < p.off_fraction else "on"
 
 
-def estimate_pass_rates(engine: TorchEngine, tok, items: list[Item], p: Params) -> dict[str, float]:
+def estimate_pass_rates(engine: RolloutEngine, tok, items: list[Item], p: Params) -> dict[str, float]:
     """Each item's share of ``pass_k`` reasoning-on samples the accuracy reward accepts."""
     prompts = [render_prompt(it.prompt, "on") for it in items]
     ids = [tok(x, add_special_tokens=False)["input_ids"] for x in prompts]
     with progress_bar(total=len(ids) * p.pass_k, desc="pass rates", disable=not p.progress) as bar:
         rollouts = engine.sample(ids, n=p.pass_k, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                                 top_p=p.top_p, seed=p.seed + 7919, progress=bar)
+                                 top_p=p.top_p, seed=p.eval_seed + 7919, progress=bar)
     texts = [decode(tok, r) for r in rollouts]
     rewards = accuracy_reward([prompts[r.index] for r in rollouts], texts, item=[items[r.index] for r in rollouts],
                               finished=[r.finished for r in rollouts])
@@ -227,11 +236,12 @@ def run(p: Params) -> dict:
     if cached and cached.get("identity") == identity:
         rates = cached["pass_rates"]
     else:
-        rates = estimate_pass_rates(TorchEngine(rater, rater_tok, max_batch=p.rollout_slots), tok, items, p)
+        rates = shared(p, "pass_rates", identity, lambda: estimate_pass_rates(
+            make_engine(p.rollout_backend, rater, rater_tok, max_batch=p.rollout_slots), tok, items, p))
     kept = filter_by_pass_rate(rates, p.max_pass_rate)  # an empty set stops here, before anything is written
     out = stage.start(p)
     atomic_write_json(out / "pass_rates.json", {"identity": identity, "pass_rates": rates})
-    del rater
+    rater = None  # its weights are not needed past the pass rates
     test = load_split(p.run_dir, "test")
     start_rows = cached_eval(out / "eval_start.json", policy, tok, test, p)
     reference = None
@@ -257,8 +267,27 @@ def pass_rate_identity(p: Params) -> str:
     model = model_dir(p.run_dir, p.pass_rate_model or p.init)
     manifest = model / "manifest.json"
     return json.dumps({"model": file_digest(manifest) if manifest.exists() else str(model), "prompts": p.prompts,
-                       "k": p.pass_k, "seed": p.seed, "max_new_tokens": p.max_new_tokens,
+                       "k": p.pass_k, "seed": p.eval_seed, "max_new_tokens": p.max_new_tokens,
                        "temperature": p.temperature, "top_p": p.top_p}, sort_keys=True)
+
+
+def shared(p: Params, kind: str, identity: str, compute):
+    """``compute()``, or its result kept in ``cache_dir`` under this identity by an earlier run (a sweep's first
+    variant estimates the pass rates and evaluates the starting model once for all of them)."""
+    if not p.cache_dir:
+        return compute()
+    path = Path(p.run_dir) / p.cache_dir / f"{kind}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        try:
+            saved = read_json(path)
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("identity") == identity:
+            return saved["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"identity": identity, "value": value})
+    return value
 
 
 def curve_items(test: list[Item], n: int) -> list[Item]:
@@ -273,7 +302,7 @@ def curve_items(test: list[Item], n: int) -> list[Item]:
 def run_eval(model, tok, test: list[Item], p: Params) -> list[dict]:
     """Reasoning off (greedy) on the whole test split; reasoning on averaged over ``eval_k`` samples for the
     RL domains and one sample for the others."""
-    kw = dict(max_new_tokens=p.eval_max_new_tokens, seed=p.seed, backend="engine", progress=p.progress,
+    kw = dict(max_new_tokens=p.eval_max_new_tokens, seed=p.eval_seed, backend="engine", progress=p.progress,
               batch_size=p.rollout_slots)
     rows = evaluate(model, tok, test, modes=("off",), **kw)
     rl = [it for it in test if it.domain in RL_DOMAINS and it.domain != "code"]
@@ -289,12 +318,12 @@ def cached_eval(path: Path, model, tok, test, p: Params) -> list[dict]:
     init = model_dir(p.run_dir, p.init)
     manifest = init / "manifest.json"
     identity = json.dumps({"init": file_digest(manifest) if manifest.exists() else str(init), "k": p.eval_k,
-                           "seed": p.seed, "max_new_tokens": p.eval_max_new_tokens}, sort_keys=True)
+                           "seed": p.eval_seed, "max_new_tokens": p.eval_max_new_tokens}, sort_keys=True)
     if path.exists():
         saved = read_json(path)
         if saved.get("identity") == identity:
             return saved["rows"]
-    rows = run_eval(model, tok, test, p)
+    rows = shared(p, "eval_start", identity, lambda: run_eval(model, tok, test, p))
     atomic_write_json(path, {"identity": identity, "rows": rows})
     return rows
 
@@ -313,7 +342,7 @@ class GRPOTrainer:
         self.curriculum = Curriculum(pass_rates, total_steps=p.steps // p.num_iterations, order=p.order,
                                      start_mean=p.curriculum_start, end_mean=p.curriculum_end,
                                      sigma=p.curriculum_sigma, seed=p.seed)
-        self.engine = TorchEngine(policy, tok, max_batch=p.rollout_slots, fp8=p.fp8_rollouts)
+        self.engine = make_engine(p.rollout_backend, policy, tok, max_batch=p.rollout_slots, fp8=p.fp8_rollouts)
         self.rewards = get_rewards(p.rewards)
         self.loss_cfg = LossConfig(loss_type=p.loss_type, epsilon_low=p.epsilon_low, epsilon_high=p.epsilon_high,
                                    beta=p.beta, max_completion_length=p.max_new_tokens)
@@ -363,7 +392,9 @@ class GRPOTrainer:
         modes = [mode_of(p, b, i) for i in ids]
         prompts = [render_prompt(self.items[i].prompt, m) for i, m in zip(ids, modes)]
         encoded = [self.tok(x, add_special_tokens=False)["input_ids"] for x in prompts]
-        # the engine reads the current weights itself (FP8: re-quantised) at every call
+        # the torch engine reads the current weights itself (FP8: re-quantised) at every call; vLLM is pushed them
+        if p.rollout_backend != "torch":
+            self.engine.load_weights(self.policy)
         rollouts = self.engine.sample(encoded, n=p.group_size, max_new_tokens=p.max_new_tokens,
                                       temperature=p.temperature, top_p=p.top_p, seed=p.seed * 100_003 + b)
         texts = [decode(self.tok, r) for r in rollouts]
@@ -435,7 +466,7 @@ class GRPOTrainer:
         """Greedy held-out accuracy, reasoning on and off, on the curve items: one row per (mode, domain) and
         one per target cell, in ``eval_curve.csv`` (rows of this step or later are replaced)."""
         rows = evaluate(self.policy, self.tok, self.curve, modes=("off", "on"), max_new_tokens=self.p.eval_max_new_tokens,
-                        seed=self.p.seed, backend="engine", progress=False, batch_size=self.p.rollout_slots)
+                        seed=self.p.eval_seed, backend="engine", progress=False, batch_size=self.p.rollout_slots)
         self.policy.train()
         points = [{"step": step, "mode": s["mode"], "domain": s["domain"], "accuracy": s["accuracy"],
                    "compliance": s["compliance"], "mean_tokens": s["mean_tokens"]}
