@@ -385,36 +385,50 @@ def grpo_training(log: list[dict], batches: list[dict], title: str = "stage 07: 
 
 
 def alignment_phases(phases: list[dict], title: str = "stage 08: alignment, phase by phase"):
-    """Two panels over the phases (start, RLOO, RPO rounds, DPO): IFEval prompt-level strict accuracy on
+    """Two panels over the aligned policy's phases (start, RLOO, RPO rounds), with the DPO baseline trained on
+    the same pairs from the same start drawn apart (hollow, not joined): IFEval prompt-level strict accuracy on
     held-out prompts, and the win rate against the baseline's answers as the gold judge sees it (with its 95%
-    interval) and as the reward model sees it (dotted), thinking on (solid) and off (dashed)."""
+    interval) and as the reward model sees it, thinking on (solid) and off (dashed)."""
     order = list(dict.fromkeys(r["phase"] for r in phases))
-    x = range(len(order))
+    main = [ph for ph in order if not ph.startswith("dpo")]
+    side = [ph for ph in order if ph.startswith("dpo")]
+    xs = {ph: i for i, ph in enumerate(main + side)}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for mode, style in (("on", "-"), ("off", "--")):
         rows = {r["phase"]: r for r in phases if r["mode"] == mode}
-        a.plot(x, [float(rows[ph]["prompt_level_strict_acc"]) for ph in order], style, marker="o", color="C0",
-               label=f"thinking {mode}")
-        gold = [float(rows[ph]["win_rate_gold"]) for ph in order]
-        lo = [float(rows[ph]["win_low"]) for ph in order]
-        hi = [float(rows[ph]["win_high"]) for ph in order]
-        b.errorbar(x, gold, yerr=[[g - low for g, low in zip(gold, lo)], [h - g for g, h in zip(gold, hi)]],
-                   fmt=style, marker="o", color="C1", capsize=3, label=f"gold judge, thinking {mode}")
-        rm = [(i, float(rows[ph]["win_rate_rm"])) for i, ph in enumerate(order) if rows[ph]["win_rate_rm"] != ""]
-        if rm:
-            b.plot(*zip(*rm), style, marker="s", color="C2", alpha=0.8, label=f"reward model, thinking {mode}")
+
+        def series(ax, key, phs, fmt, color, label, hollow=False, err=False, rows=rows, style=style):
+            pts = [(xs[ph], float(rows[ph][key]), ph) for ph in phs if rows.get(ph) and rows[ph][key] != ""]
+            if not pts:
+                return
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            kw = dict(color=color, marker=fmt, mfc="none" if hollow else color, ls="none" if hollow else style,
+                      label=label)
+            if err:
+                lo = [y_ - float(rows[ph]["win_low"]) for (_, y_, ph) in pts]
+                hi = [float(rows[ph]["win_high"]) - y_ for (_, y_, ph) in pts]
+                ax.errorbar(x, y, yerr=[lo, hi], capsize=3, **kw)
+            else:
+                ax.plot(x, y, **kw)
+
+        series(a, "prompt_level_strict_acc", main, "o", "C0", f"thinking {mode}")
+        series(a, "prompt_level_strict_acc", side, "o", "C0", None, hollow=True)
+        series(b, "win_rate_gold", main, "o", "C1", f"gold judge, thinking {mode}", err=True)
+        series(b, "win_rate_gold", side, "o", "C1", f"DPO, same pairs, gold, thinking {mode}", hollow=True, err=True)
+        series(b, "win_rate_rm", main, "s", "C2", f"reward model, thinking {mode}")
     a.set_title("IFEval prompt-level strict accuracy (held-out)")
     b.set_title("win rate vs the baseline's answers (ties half)")
     b.axhline(0.5, color="grey", lw=0.8, ls=":")
     for ax in (a, b):
-        ax.set_xticks(list(x), order, rotation=20)
+        if side:
+            ax.axvline(len(main) - 0.5, color="grey", lw=0.8)
+        ax.set_xticks(list(xs.values()), list(xs), rotation=20)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
-
 
 def grpo_curriculum_vs_random(folders: dict, params: dict,
                               title: str = "Figure 6 analog: curriculum vs random batching (mean, min-max over seeds)"):

@@ -136,6 +136,14 @@ APPLY_ORDER = ["punctuation:no_comma", "keywords:existence", "startend:end_check
                "detectable_format:title", "detectable_content:postscript"]
 
 
+# The types whose phrasing the tiny world's ``instruct`` domain (and so the SFT blend) teaches, directly or as
+# a near neighbour; the others (a postscript, a title, required keywords) a model of this world has never
+# seen done, so RLOO's samples almost never follow them and it has nothing to reinforce.
+TAUGHT = ("change_case:english_capital", "change_case:english_lowercase", "detectable_format:number_bullet_lists",
+          "keywords:forbidden_words", "length_constraints:number_words", "punctuation:no_comma", "startend:end_checker",
+          "startend:quotation")
+
+
 class UnknownInstruction(ValueError):
     """An instruction id this module does not define."""
 

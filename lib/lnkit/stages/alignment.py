@@ -82,15 +82,15 @@ class Params(RunParams):
     # instruction following, RLOO
     if_train: int = param(300, "instruction prompts to train on (IFEval's layout, 1-3 instructions each)", lo=1)
     if_test: int = param(120, "held-out instruction prompts", lo=1)
-    if_instructions: list[str] = param(sorted(ifeval.INSTRUCTIONS), "the IFEval instruction ids the prompts use",
-                                       min_items=1)
-    rloo_steps: int = param(40, "RLOO optimizer steps (one rollout batch each); 0 skips RLOO", lo=0)
-    rloo_k: int = param(4, "samples per prompt (k)", lo=2, hi=64)
+    if_instructions: list[str] = param(list(ifeval.TAUGHT), "the IFEval instruction ids the prompts use (default: "
+                                       "the types the tiny world's SFT data teaches)", min_items=1)
+    rloo_steps: int = param(60, "RLOO optimizer steps (one rollout batch each); 0 skips RLOO", lo=0)
+    rloo_k: int = param(8, "samples per prompt (k)", lo=2, hi=64)
     rloo_prompts_per_batch: int = param(16, "prompts per RLOO batch", lo=1)
     rloo_reward: str = param("all", "verifier reward: 1 when every instruction is followed, or the share followed",
                              choices=["all", "fraction"])
     rloo_beta: float = param(0.05, "weight of the KL to the starting policy in the reward", lo=0.0)
-    rloo_lr: float = param(1e-4, "RLOO learning rate", lo=1e-8, hi=1.0)
+    rloo_lr: float = param(3e-4, "RLOO learning rate", lo=1e-8, hi=1.0)
     off_fraction: float = param(0.5, "share of prompts asked with 'detailed thinking off' (RLOO and RPO)",
                                 lo=0.0, hi=1.0)
     # chat and the reward model
@@ -100,9 +100,9 @@ class Params(RunParams):
     rm_pairs_per_prompt: int = param(6, "answer pairs labelled per chat prompt (at most all pairs of its samples)",
                                      lo=1)
     rm_objective: str = param("bradley_terry", "reward model objective", choices=list(OBJECTIVES))
-    rm_steps: int = param(200, "reward model optimizer steps", lo=1)
+    rm_steps: int = param(300, "reward model optimizer steps", lo=1)
     rm_batch: int = param(32, "pairs per reward model step", lo=1)
-    rm_lr: float = param(1e-3, "reward model learning rate", lo=1e-8, hi=1.0)
+    rm_lr: float = param(5e-4, "reward model learning rate", lo=1e-8, hi=1.0)
     annotator_noise: float = param(0.7, "annotators' noise on each 0-4 attribute (standard deviation)", lo=0.0)
     annotator_flip: float = param(0.1, "chance an annotator picks the other answer", lo=0.0, hi=0.5)
     reward_model: str = param("", "a trained reward model folder to use instead of training one")
@@ -114,9 +114,9 @@ class Params(RunParams):
     rpo_iterations: int = param(2, "online rounds (sample, score, train)", lo=0, hi=20)
     rpo_prompts: int = param(200, "chat prompts per round", lo=1)
     rpo_samples: int = param(4, "answers sampled per prompt per round; the best and worst make a pair", lo=2, hi=32)
-    rpo_steps: int = param(30, "optimizer steps per round", lo=1)
+    rpo_steps: int = param(40, "optimizer steps per round", lo=1)
     rpo_batch: int = param(16, "pairs per step", lo=1)
-    rpo_lr: float = param(1e-4, "RPO learning rate", lo=1e-8, hi=1.0)
+    rpo_lr: float = param(5e-5, "RPO learning rate", lo=1e-8, hi=1.0)
     pair_file: str = param("", "offline RPO: a pair file (JSONL) to train on instead of sampled rounds")
     dpo_baseline: bool = param(True, "also train DPO on the same pairs from the same start (RPO vs DPO)")
     # generation and evaluation
@@ -172,6 +172,12 @@ def sample_answers(engine: TorchEngine, tok, prompts: list[str], modes: list[str
     for r in out:
         per[r.index].append(r)
     return per
+
+
+def rm_view(prompt: str, response: str) -> str:
+    """What the reward model reads, as the gold judge does: the question and the final answer (no thinking,
+    no system prompt), so answers with thinking on and off are scored alike."""
+    return conversation(prompt, split_response(response)[1].strip(), None)
 
 
 def text_of(tok, r: Rollout) -> str:
@@ -376,9 +382,9 @@ class Context:
                                                       for c, a in zip(self.chat_test, answers[mode])), 4),
                    "win_rate_rm": "", **ife[mode]}
             if self.rm is not None:
-                mine = score_texts(self.rm, self.tok, [conversation(c.prompt, a, mode) for c, a in
+                mine = score_texts(self.rm, self.tok, [rm_view(c.prompt, a) for c, a in
                                                        zip(self.chat_test, answers[mode])])
-                theirs = score_texts(self.rm, self.tok, [conversation(c.prompt, b, mode) for c, b in
+                theirs = score_texts(self.rm, self.tok, [rm_view(c.prompt, b) for c, b in
                                                          zip(self.chat_test, self.baseline_answers[mode])])
                 row["win_rate_rm"] = round(statistics.mean(chatworld.win(round(a, 4), round(b, 4))
                                                            for a, b in zip(mine, theirs)), 4)
@@ -496,8 +502,8 @@ def train_reward_model(p: Params, policy, tok, engine, world, prompts, folder: P
 
     def batch(step: int) -> dict:
         idx = [(step * p.rm_batch + i) % len(pairs) for i in range(p.rm_batch)]
-        texts = [conversation(pairs[i].prompt, pairs[i].chosen, pairs[i].mode) for i in idx] + \
-                [conversation(pairs[i].prompt, pairs[i].rejected, pairs[i].mode) for i in idx]
+        texts = [rm_view(pairs[i].prompt, pairs[i].chosen) for i in idx] + \
+                [rm_view(pairs[i].prompt, pairs[i].rejected) for i in idx]
         ids, mask = encode(tok, texts)
         out = {"input_ids": ids, "attention_mask": mask, "n": len(idx), "n_tokens": int(mask.sum())}
         if attrs is not None:
@@ -524,8 +530,8 @@ def held_out_rm_accuracy(p: Params, rm, tok, engine, world, prompts, out: Path) 
                    lambda: [x.to_dict() for x in labelled_pairs(p, tok, engine, world, prompts, "gold", gold=True)])
     if not pairs:
         return float("nan")
-    sw = score_texts(rm, tok, [conversation(x["prompt"], x["chosen"], x["mode"]) for x in pairs])
-    sl = score_texts(rm, tok, [conversation(x["prompt"], x["rejected"], x["mode"]) for x in pairs])
+    sw = score_texts(rm, tok, [rm_view(x["prompt"], x["chosen"]) for x in pairs])
+    sl = score_texts(rm, tok, [rm_view(x["prompt"], x["rejected"]) for x in pairs])
     return round(statistics.mean(float(a > b) for a, b in zip(sw, sl)), 4)
 
 
@@ -546,7 +552,7 @@ def round_pairs(p: Params, policy, tok, engine, rm, prompts, r: int, out: Path) 
         texts = list(dict.fromkeys(text_of(tok, x) for x in rs))
         if len(texts) < 2:
             continue
-        scores = score_texts(rm, tok, [conversation(c.prompt, t, mode) for t in texts])
+        scores = score_texts(rm, tok, [rm_view(c.prompt, t) for t in texts])
         best, worst = max(range(len(texts)), key=scores.__getitem__), min(range(len(texts)), key=scores.__getitem__)
         if scores[best] > scores[worst]:
             pairs.append(Pair(c.prompt, texts[best], texts[worst], mode, round(scores[best], 5),
@@ -562,8 +568,8 @@ def train_preference(p: Params, policy, tok, pairs: list[Pair], rm, kind: str, f
     if kind == "rpo" and any(x.chosen_score is None for x in pairs):  # an offline file without scores
         for x in pairs:
             if x.chosen_score is None:
-                x.chosen_score, x.rejected_score = score_texts(rm, tok, [conversation(x.prompt, x.chosen, x.mode),
-                                                                         conversation(x.prompt, x.rejected, x.mode)])
+                x.chosen_score, x.rejected_score = score_texts(rm, tok, [rm_view(x.prompt, x.chosen),
+                                                                         rm_view(x.prompt, x.rejected)])
     w, lo = pair_rollouts(tok, pairs)
     bw, bl = rollout_batch(w, tok.pad_token_id), rollout_batch(lo, tok.pad_token_id)
     with torch.no_grad():
