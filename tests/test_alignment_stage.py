@@ -11,22 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from lnkit import stage
+import helpers
 from lnkit.data.pairs import Pair, PairFileError, write_pairs
 from lnkit.params import ParamError
 from lnkit.runs import load_run
-from lnkit.stages import alignment, parent
+from lnkit.stages import alignment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def smoke_parent(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("align_run")
-    _, params = load_run(ROOT / "papermill_runs" / "smoke.yaml")
-    p = dataclasses.replace(params[parent.NAME], run_dir=str(run_dir))
-    stage.finish(p, parent.run(p)["metrics"])
-    return run_dir
+    """A run folder with the smoke run's stage 00 (the world, its splits and a tiny parent)."""
+    return helpers.smoke_stage00(tmp_path_factory.mktemp("align_run"))
 
 
 def params(run_dir, **kw) -> alignment.Params:

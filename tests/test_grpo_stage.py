@@ -4,7 +4,6 @@ reward functions plug in, the rewards score hostile code and guessed letters 0."
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -17,15 +16,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+import helpers
 from lnkit import stage
 from lnkit.data.chat import render_prompt
 from lnkit.params import ParamError
 from lnkit.rl.curriculum import EmptyPromptSet
 from lnkit.rl.rewards import accuracy_reward, format_reward, get_rewards
-from lnkit.runs import load_run
-from lnkit.stages import grpo, parent
+from lnkit.stages import grpo
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(init="00_parent", progress=False, threads=1, prompts={"math": 6, "science": 6, "code": 2}, pass_k=2,
              max_pass_rate=1.0, steps=6, num_iterations=2, prompts_per_batch=3, group_size=2, max_new_tokens=8,
              rollout_slots=8, ckpt_every=2, eval_every=2, curve_n=1, eval_k=1, eval_max_new_tokens=8)
@@ -34,11 +32,7 @@ SMALL = dict(init="00_parent", progress=False, threads=1, prompts={"math": 6, "s
 @pytest.fixture(scope="module")
 def smoke_parent(tmp_path_factory):
     """A run folder with the smoke run's stage 00 (the world, its splits and a tiny parent)."""
-    run_dir = tmp_path_factory.mktemp("grpo_run")
-    _, params = load_run(ROOT / "papermill_runs" / "smoke.yaml")
-    p = dataclasses.replace(params[parent.NAME], run_dir=str(run_dir))
-    stage.finish(p, parent.run(p)["metrics"])
-    return run_dir
+    return helpers.smoke_stage00(tmp_path_factory.mktemp("grpo_run"))
 
 
 def fresh(smoke_parent, tmp_path) -> Path:
