@@ -91,3 +91,20 @@ def test_offline_rpo_trains_on_a_pair_files_usable_rows(smoke_parent, tmp_path):
     state = rlview.read_state(run_dir, alignment.NAME)
     assert "rpo_1" in state["logs"] and [r["phase"] for r in state["phases"]][:2] == ["start", "start"]
     assert rlview.png(state)[:4] == b"\x89PNG" and "phases evaluated: start, rpo_1" in rlview.status(state)
+
+
+def test_a_rerun_resumes_finished_phases_and_other_parameters_start_over(smoke_parent, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_parent, run_dir)
+    p = params(run_dir, rpo_iterations=1, dpo_baseline=False)
+    alignment.run(p)
+    out = run_dir / alignment.NAME
+    weights = out / "rloo" / "model" / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    alignment.run(p)  # same parameters: the finished RLOO phase is loaded, not trained again
+    assert weights.stat().st_mtime_ns == first
+    alignment.run(dataclasses.replace(p, rloo_lr=p.rloo_lr * 2))  # another parameter: the stage starts over
+    assert weights.stat().st_mtime_ns != first
+    assert json.loads((out / "identity.json").read_text())["rloo_lr"] == p.rloo_lr * 2

@@ -34,6 +34,7 @@ import json
 import random
 import shutil
 import statistics
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from lnkit.data.chat import render_prompt, split_response
 from lnkit.data.pairs import Pair, read_pairs, write_pairs
 from lnkit.data.splits import load_split, load_world
 from lnkit.eval import evaluate, summarize
-from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.rl.batch import rollout_batch
 from lnkit.rl.grpo import token_logprobs
@@ -228,6 +229,7 @@ def run(p: Params) -> dict:
     chat_train, chat_test = chatworld.split_prompts(world, p.chat_train, p.chat_test, seed=p.seed)
     fresh_start(p)
     out = stage.start(p)
+    atomic_write_json(out / IDENTITY, identity(p))
     if offline is not None:
         atomic_write_json(out / "pair_file_report.json", {"file": p.pair_file, "pairs": len(offline),
                                                           "skipped": skipped})
@@ -235,7 +237,7 @@ def run(p: Params) -> dict:
     ctx = Context(p, out, tok, world, if_test, chat_test)
     engine = TorchEngine(policy, tok, max_batch=p.rollout_slots)
     # the opponent's answers, once: greedy, both modes (the Arena-Hard analog's fixed baseline)
-    ctx.baseline_answers = ctx.chat_answers(TorchEngine(base_model, tok, max_batch=p.rollout_slots), "baseline")
+    ctx.baseline_answers = ctx.chat_answers(TorchEngine(base_model, tok, max_batch=p.rollout_slots))
     del base_model
     start_rows = cached(out / "eval_start.json", lambda: evaluate_domains(policy, tok, test, p))
     ctx.record("start", policy, engine)
@@ -287,8 +289,16 @@ def run(p: Params) -> dict:
 RUNTIME_FIELDS = ("threads", "progress", "figures_dir", "run_dir")
 
 
+IDENTITY = "identity.json"
+
+
 def identity(p: Params) -> dict:
-    return {k: v for k, v in p.to_dict().items() if k not in RUNTIME_FIELDS}
+    """What the stage's results depend on: its parameters and the models it starts from (by manifest)."""
+    models = {}
+    for role in ("init", "baseline"):
+        manifest = model_dir(p.run_dir, getattr(p, role)) / "manifest.json"
+        models[role] = file_digest(manifest) if manifest.exists() else str(manifest.parent)
+    return {**{k: v for k, v in p.to_dict().items() if k not in RUNTIME_FIELDS}, "models": models}
 
 
 def fingerprint(p: Params) -> str:
@@ -296,17 +306,17 @@ def fingerprint(p: Params) -> str:
 
 
 def fresh_start(p: Params) -> None:
-    """A rerun with other parameters starts over: the finished phases, pairs and evaluations in the stage
-    folder belong to the old ones (a rerun with the same ones resumes them)."""
+    """A rerun with other parameters or other starting models starts over: the finished phases, pairs and
+    evaluations in the stage folder belong to the old ones (a rerun with the same ones resumes them)."""
     folder = stage.stage_path(p)
-    saved = folder / "params.json"
-    if saved.exists():
-        try:
-            old = {k: v for k, v in read_json(saved)["params"].items() if k not in RUNTIME_FIELDS}
-        except (ValueError, KeyError, TypeError):
-            old = None
-        if old != identity(p):
-            shutil.rmtree(folder)
+    if not folder.exists():
+        return
+    try:
+        same = read_json(folder / IDENTITY) == json.loads(fingerprint(p))
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(folder)
 
 
 def cached(path: Path, compute):
@@ -346,7 +356,7 @@ class Context:
         self.rm = None
         self.baseline_answers: dict[str, list[str]] = {}
 
-    def chat_answers(self, engine, tag: str) -> dict[str, list[str]]:
+    def chat_answers(self, engine) -> dict[str, list[str]]:
         out = {}
         for mode in ("on", "off"):
             per = sample_answers(engine, self.tok, [c.prompt for c in self.chat_test], [mode] * len(self.chat_test),
@@ -368,7 +378,7 @@ class Context:
         """IFEval and the win rates (gold judge; reward model once there is one) after a phase: a row per mode
         in ``phases.csv`` (rewritten whole; a phase's earlier row is replaced)."""
         engine.load_weights(policy)
-        answers = self.chat_answers(engine, phase)
+        answers = self.chat_answers(engine)
         ife = self.ifeval_metrics(engine)
         rows = []
         for mode in ("on", "off"):
@@ -461,7 +471,7 @@ def labelled_pairs(p: Params, tok, engine, world, prompts, tag: str, gold: bool)
     the annotators (``gold=False``: noisy; no preference dropped) or by the gold judge (ties dropped)."""
     modes = [mode_of(p, tag, c.key) for c in prompts]
     per = sample_answers(engine, tok, [c.prompt for c in prompts], modes, n=p.rm_samples, p=p,
-                         seed=p.seed * 31 + len(tag))
+                         seed=p.seed * 31 + zlib.crc32(tag.encode()))
     rng = random.Random(f"{p.seed}:annotate:{tag}")
     pairs = []
     for c, mode, rs in zip(prompts, modes, per):
