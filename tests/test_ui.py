@@ -168,6 +168,19 @@ def batch_entry(b: int) -> dict:
             "reward_mean": 0.5 + 0.1 * b, "reward_std": 0.2, "accuracy_reward": 0.3, "completion_len": 30.0}
 
 
+def open_live_panel(browser, lab, name: str, run_dir, stage: str):
+    """A one-cell notebook showing ``rlview.live_panel`` on ``run_dir``'s ``stage``, opened in the lab."""
+    import json
+
+    cell = f"from lnkit import rlview\nrlview.live_panel({str(run_dir)!r}, {stage!r}, every_s=1)"
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": "0", "metadata": {}, "outputs": [],
+                     "source": cell}], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                    "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (lab.root / name).write_text(json.dumps(nb))
+    return lab_ui.open_notebook(browser, lab, name)
+
+
 def test_live_rl_panel_refreshes_in_jupyterlab(lab, browser, tmp_path):
     """Stage 07's live panel pointed at a run folder that another process is writing: it shows the first
     rollout batch, picks up the next one within seconds, and stops once the stage's marker appears."""
@@ -179,13 +192,7 @@ def test_live_rl_panel_refreshes_in_jupyterlab(lab, browser, tmp_path):
     d.mkdir(parents=True)
     (d / "batches.jsonl").write_text(json.dumps(batch_entry(0)) + "\n")
     name = "live_panel.ipynb"
-    cell = f"from lnkit import rlview\nrlview.live_panel({str(tmp_path / 'run')!r}, every_s=1)"
-    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": "0", "metadata": {}, "outputs": [],
-                     "source": cell}], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                    "language": "python"}},
-          "nbformat": 4, "nbformat_minor": 5}
-    (lab.root / name).write_text(json.dumps(nb))
-    page = lab_ui.open_notebook(browser, lab, name)
+    page = open_live_panel(browser, lab, name, tmp_path / "run", "07_grpo")
     status = page.locator(".jp-NotebookPanel .widget-html")
     with shot_on_failure(page, name):
         lab_ui.run_all_cells(page, 60)
@@ -197,6 +204,45 @@ def test_live_rl_panel_refreshes_in_jupyterlab(lab, browser, tmp_path):
             f.write(json.dumps(batch_entry(1)) + "\n")
         page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
                                "?.innerText.includes('rollout batch 1')", timeout=20e3)
+        (d / MARKER).write_text("{}")
+        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
+                               "?.innerText.includes('finished')", timeout=20e3)
+    page.screenshot(path=SHOTS / f"{name}-1-live.png")
+    page.close()
+
+
+PHASE_FIELDS = ["phase", "mode", "win_rate_gold", "win_low", "win_high", "gold_score", "win_rate_rm",
+                "prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"]
+
+
+def phase_rows(phase: str, win: float) -> str:
+    return "".join(",".join([phase, mode, str(win), "0.4", "0.6", "4.0", "", "0.3", "0.4", "0.3", "0.4"]) + "\n"
+                   for mode in ("on", "off"))
+
+
+def test_live_panel_follows_stage_08_in_jupyterlab(lab, browser, tmp_path):
+    """The same panel on stage 08's files: phases evaluated and training logs appear as another process
+    writes them, and it stops once the stage's marker appears."""
+    from lnkit.checkpoints import MARKER
+
+    d = tmp_path / "run" / "08_alignment"
+    (d / "rloo").mkdir(parents=True)
+    (d / "phases.csv").write_text(",".join(PHASE_FIELDS) + "\n" + phase_rows("start", 0.5))
+    name = "live_panel_08.ipynb"
+    page = open_live_panel(browser, lab, name, tmp_path / "run", "08_alignment")
+    status = page.locator(".jp-NotebookPanel .widget-html")
+    with shot_on_failure(page, name):
+        lab_ui.run_all_cells(page, 60)
+        lab_ui.wait_for_widgets(page)
+        assert lab_ui.problems(page) == []
+        assert "running; phases evaluated: start;" in status.inner_text()
+        (d / "rloo" / "train_log.csv").write_text("step,loss,follow_reward,format_reward,kl\n0,0.1,0.2,0.8,0.0\n"
+                                                  "1,0.1,0.3,0.9,0.1\n")
+        with open(d / "phases.csv", "a") as f:  # the run goes on elsewhere
+            f.write(phase_rows("rloo", 0.55))
+        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
+                               "?.innerText.includes('start, rloo')", timeout=20e3)
+        assert "'rloo': 2" in status.inner_text()
         (d / MARKER).write_text("{}")
         page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
                                "?.innerText.includes('finished')", timeout=20e3)

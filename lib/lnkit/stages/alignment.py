@@ -46,7 +46,7 @@ from lnkit.data import chatworld, ifeval
 from lnkit.data.chat import render_prompt, split_response
 from lnkit.data.pairs import Pair, read_pairs, write_pairs
 from lnkit.data.splits import load_split, load_world
-from lnkit.eval import evaluate, summarize
+from lnkit.eval import compliant, evaluate, summarize
 from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.rl.batch import rollout_batch
@@ -549,7 +549,8 @@ def held_out_rm_accuracy(p: Params, rm, tok, engine, world, prompts, out: Path) 
 
 
 def round_pairs(p: Params, policy, tok, engine, rm, prompts, r: int, out: Path) -> list[Pair]:
-    """One online round's pairs: the reward model's best and worst of ``rpo_samples`` answers per prompt."""
+    """One online round's pairs: the reward model's best and worst of a prompt's ``rpo_samples`` answers that
+    keep the mode's format."""
     path = out / f"pairs_{r}.jsonl"
     if path.exists():
         return read_pairs(path)[0]
@@ -559,7 +560,9 @@ def round_pairs(p: Params, policy, tok, engine, rm, prompts, r: int, out: Path) 
     per = sample_answers(engine, tok, [c.prompt for c in chosen], modes, n=p.rpo_samples, p=p, seed=p.seed * 101 + r)
     pairs = []
     for c, mode, rs in zip(chosen, modes, per):
-        texts = list(dict.fromkeys(text_of(tok, x) for x in rs))
+        # only answers in the mode's format compete: the reward model reads the final answer alone and cannot
+        # see a broken think block, which a pair would otherwise teach
+        texts = list(dict.fromkeys(t for t in (text_of(tok, x) for x in rs) if compliant(t, mode)))
         if len(texts) < 2:
             continue
         scores = score_texts(rm, tok, [rm_view(c.prompt, t) for t in texts])
