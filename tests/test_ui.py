@@ -168,6 +168,12 @@ def batch_entry(b: int) -> dict:
             "reward_mean": 0.5 + 0.1 * b, "reward_std": 0.2, "accuracy_reward": 0.3, "completion_len": 30.0}
 
 
+def wait_for_status(page, text: str) -> None:
+    """Until the live panel's status line (redrawn by its thread) contains ``text``."""
+    page.wait_for_function("(t) => document.querySelector('.jp-NotebookPanel .widget-html')?.innerText.includes(t)",
+                           arg=text, timeout=20e3)
+
+
 def open_live_panel(browser, lab, name: str, run_dir, stage: str):
     """A one-cell notebook showing ``rlview.live_panel`` on ``run_dir``'s ``stage``, opened in the lab."""
     import json
@@ -202,11 +208,9 @@ def test_live_rl_panel_refreshes_in_jupyterlab(lab, browser, tmp_path):
         assert page.locator(".jp-NotebookPanel .widget-image").get_attribute("src").startswith("blob:")
         with open(d / "batches.jsonl", "a") as f:  # the run goes on elsewhere
             f.write(json.dumps(batch_entry(1)) + "\n")
-        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
-                               "?.innerText.includes('rollout batch 1')", timeout=20e3)
+        wait_for_status(page, "rollout batch 1")
         (d / MARKER).write_text("{}")
-        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
-                               "?.innerText.includes('finished')", timeout=20e3)
+        wait_for_status(page, "finished")
     page.screenshot(path=SHOTS / f"{name}-1-live.png")
     page.close()
 
@@ -240,11 +244,9 @@ def test_live_panel_follows_stage_08_in_jupyterlab(lab, browser, tmp_path):
                                                   "1,0.1,0.3,0.9,0.1\n")
         with open(d / "phases.csv", "a") as f:  # the run goes on elsewhere
             f.write(phase_rows("rloo", 0.55))
-        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
-                               "?.innerText.includes('start, rloo')", timeout=20e3)
+        wait_for_status(page, "start, rloo")
         assert "'rloo': 2" in status.inner_text()
         (d / MARKER).write_text("{}")
-        page.wait_for_function("() => document.querySelector('.jp-NotebookPanel .widget-html')"
-                               "?.innerText.includes('finished')", timeout=20e3)
+        wait_for_status(page, "finished")
     page.screenshot(path=SHOTS / f"{name}-1-live.png")
     page.close()
