@@ -9,10 +9,12 @@ Starting from the stage-07 model (``init``; any stage or model folder):
 2. **A reward model** (:mod:`lnkit.rl.reward_model`): the policy's architecture with a scalar head, trained
    Bradley-Terry (or attribute regression) on preference pairs over chat prompts about the world's facts
    (:mod:`lnkit.data.chatworld`): answers sampled from the RLOO policy, labelled by noisy simulated
-   annotators. Its pairwise accuracy is measured on held-out pairs labelled by the hidden gold judge.
+   annotators. It reads the question and the final answer, as the gold judge does (no thinking, no system
+   prompt). Its pairwise accuracy is measured on held-out pairs labelled by the hidden gold judge.
    ``reward_model`` names a trained one instead.
 3. **Online RPO** (6.2): ``rpo_iterations`` rounds of sampling ``rpo_samples`` answers per chat prompt from
-   the current policy, pairing the reward model's best and worst, and training the RPO loss
+   the current policy, pairing the reward model's best and worst of those in the mode's format (it cannot
+   see a broken think block), and training the RPO loss
    (:mod:`lnkit.rl.preference`) against the round's starting policy. ``pair_file`` trains offline on a pair
    file instead (LN-Nano's use). With ``dpo_baseline``, DPO trains on the very same pairs from the same start.
 4. **Evaluation**: IFEval's four metrics on held-out instruction prompts, both modes; the Arena-Hard analog,
@@ -21,7 +23,8 @@ Starting from the stage-07 model (``init``; any stage or model folder):
    on the test split and the toggle's compliance, before and after.
 
 Resume: each phase (``rloo/``, ``reward_model/``, ``rpo_1/``...) checkpoints through the shared loop and
-writes its model atomically when done; a rerun skips finished phases and resumes the unfinished one.
+writes its model atomically when done; a rerun skips finished phases and resumes the unfinished one. Other
+parameters or other starting models (``identity.json``) start the stage over.
 Writes ``<run_dir>/08_alignment/``: ``model/`` (the aligned policy), ``reward_model/``, ``pairs_<round>.jsonl``,
 ``phases.csv`` (the win rates and IFEval metrics after each phase), ``eval_*.jsonl`` and ``metrics.json``.
 Notebook: ``notebooks/08_alignment.ipynb``.
