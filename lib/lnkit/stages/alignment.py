@@ -54,7 +54,13 @@ from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, file_dig
 from lnkit.params import ParamError, RunParams, param
 from lnkit.rl.batch import rollout_batch
 from lnkit.rl.grpo import token_logprobs
-from lnkit.rl.preference import PREFERENCE_LOSSES, RPO_DISTANCES, implicit_reward_gap, preference_loss
+from lnkit.rl.preference import (
+    PREFERENCE_LOSSES,
+    RPO_DISTANCES,
+    implicit_reward_gap,
+    preference_loss,
+    sequence_logps,
+)
 from lnkit.rl.reward_model import (
     OBJECTIVES,
     RewardModel,
@@ -358,6 +364,7 @@ class Context:
         self.p, self.out, self.tok, self.world, self.if_test, self.chat_test = p, out, tok, world, if_test, chat_test
         self.rm = None
         self.baseline_answers: dict[str, list[str]] = {}
+        self._baseline_rm: dict[str, list[float]] = {}  # the reward model's scores of those (it is fixed once set)
 
     def chat_answers(self, engine) -> dict[str, list[str]]:
         out = {}
@@ -397,8 +404,10 @@ class Context:
             if self.rm is not None:
                 mine = score_texts(self.rm, self.tok, [rm_view(c.prompt, a) for c, a in
                                                        zip(self.chat_test, answers[mode])])
-                theirs = score_texts(self.rm, self.tok, [rm_view(c.prompt, b) for c, b in
-                                                         zip(self.chat_test, self.baseline_answers[mode])])
+                if mode not in self._baseline_rm:
+                    self._baseline_rm[mode] = score_texts(self.rm, self.tok, [
+                        rm_view(c.prompt, b) for c, b in zip(self.chat_test, self.baseline_answers[mode])])
+                theirs = self._baseline_rm[mode]
                 row["win_rate_rm"] = round(statistics.mean(chatworld.win(round(a, 4), round(b, 4))
                                                            for a, b in zip(mine, theirs)), 4)
             rows.append(row)
@@ -616,10 +625,10 @@ def train_preference(p: Params, policy, tok, pairs: list[Pair], rm, kind: str, f
 
 
 def sum_rows(model, b: dict, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of a pair batch: each answer's summed log-probability under ``model``."""
     device = next(model.parameters()).device
-    mask = b["completion_mask"][idx].to(device).float()
-    lp = token_logprobs(model, b["input_ids"][idx].to(device), b["attention_mask"][idx].to(device), mask.shape[1])
-    return (lp * mask).sum(-1)
+    return sequence_logps(model, b["input_ids"][idx].to(device), b["attention_mask"][idx].to(device),
+                          b["completion_mask"][idx].to(device).float())
 
 
 def sum_logps(model, b: dict, start: int, size: int) -> torch.Tensor:
