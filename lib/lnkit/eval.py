@@ -22,7 +22,7 @@ from lnkit.data.chat import THINK_CLOSE, THINK_OPEN, render_prompt, split_respon
 from lnkit.generate import generate
 from lnkit.io import atomic_write_json, atomic_write_text
 from lnkit.progress import progress_bar
-from lnkit.verify import check
+from lnkit.verify import check_many
 
 MODE_SAMPLING = {"on": {"temperature": 0.6, "top_p": 0.95}, "off": {"temperature": 0.0, "top_p": 1.0}}
 LEAK_RE = re.compile(r"\d+\s*[-+*]\s*\d+\s*=|\bstarts with\b|\bCheck:|\bThe rules:|\bThe question asks\b|"
@@ -55,23 +55,30 @@ def leaks(response: str) -> bool:
 
 
 def evaluate(model, tok, items, *, modes=("off", "on"), k: int = 1, max_new_tokens: int = 160,
-             batch_size: int = 64, seed: int = 0, backend: str = "hf", progress: bool = True) -> list[dict]:
-    """Generate and verify. Returns one row per (item, mode, sample)."""
+             batch_size: int = 64, seed: int = 0, backend: str = "engine", progress: bool = True,
+             greedy: bool = False) -> list[dict]:
+    """Generate and verify. Returns one row per (item, mode, sample). ``backend``: see
+    :func:`lnkit.generate.generate` (``engine``, the RL rollout engine, by default: greedy output equals
+    ``hf``'s, several times faster). ``greedy``: one greedy answer per item in every mode."""
     rows = []
     for mode in modes:
         if mode not in MODE_SAMPLING:
             raise ValueError(f"mode {mode!r} not in {tuple(MODE_SAMPLING)}")
-        n_samples = k if mode == "on" else 1  # greedy decoding gives one answer
+        n_samples = k if mode == "on" and not greedy else 1  # greedy decoding gives one answer
+        sampling = MODE_SAMPLING["off"] if greedy else MODE_SAMPLING[mode]
         prompts = [render_prompt(it.prompt, mode) for it in items for _ in range(n_samples)]
         with progress_bar(total=len(prompts), desc=f"eval thinking {mode}", disable=not progress) as bar:
             outs = generate(model, tok, prompts, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                            backend=backend, progress=bar, **MODE_SAMPLING[mode])
+                            backend=backend, progress=bar, **sampling)
+        owners = [items[j // n_samples] for j in range(len(outs))]
+        done = [j for j, o in enumerate(outs) if o["finished"]]  # a cut-off answer is wrong unread
+        verdicts = dict(zip(done, check_many([split_response(outs[j]["text"])[1] for j in done],
+                                             [owners[j] for j in done])))  # each distinct answer once
         for j, o in enumerate(outs):
-            it, s = items[j // n_samples], j % n_samples
-            _, answer = split_response(o["text"])
+            it, s = owners[j], j % n_samples
             rows.append({
                 "id": it.id, "domain": it.domain, "difficulty": it.difficulty, "mode": mode, "sample": s,
-                "correct": check(answer, it) if o["finished"] else False,
+                "correct": verdicts.get(j, False),
                 "tokens": o["tokens"], "finished": o["finished"],
                 "compliant": compliant(o["text"], mode), "leak": mode == "off" and leaks(o["text"]),
                 "response": o["text"],
@@ -114,3 +121,23 @@ def accuracy(summary: list[dict], mode: str, domain: str = "all", difficulty="al
         if s["mode"] == mode and s["domain"] == domain and str(s["difficulty"]) == str(difficulty):
             return s["accuracy"]
     raise KeyError(f"no summary row for mode={mode} domain={domain} difficulty={difficulty}")
+
+
+def bootstrap_interval(values, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per item: a k-sample pass@1 is
+    averaged within the item first, so resampling is over items).
+
+    >>> bootstrap_interval([1.0] * 5)
+    (1.0, 1.0)
+    >>> lo, hi = bootstrap_interval([0, 1] * 50); lo < 0.5 < hi
+    True
+    """
+    import numpy as np
+
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(n, v.size))
+    means = np.sort(v[idx].mean(1))
+    a = (1 - level) / 2
+    return float(means[int(a * n)]), float(means[min(n - 1, int((1 - a) * n))])

@@ -430,6 +430,80 @@ def alignment_phases(phases: list[dict], title: str = "stage 08: alignment, phas
     fig.tight_layout()
     return fig
 
+def evaluation_table(rows: list[dict], title: str = "stage 09: every checkpoint, reasoning on and off"):
+    """Tables 3 and 5 as a figure: per checkpoint, pass@1 over all domains with its 95% interval (thinking on:
+    the mean of k samples; off: greedy) and the mean response length, thinking on and off."""
+    get = {(r["model"], r["domain"], r["mode"], r["metric"]): r for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    labels = [next(r["label"] for r in rows if r["model"] == m) for m in models]
+    x = np.arange(len(models))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for j, (mode, color) in enumerate((("on", "C3"), ("off", "C0"))):
+        cells = [get.get((m, "all", mode, "pass@1")) for m in models]
+        y = [float(c["value"]) if c else np.nan for c in cells]
+        err = [[float(c["value"]) - float(c["low"]) if c else 0 for c in cells],
+               [float(c["high"]) - float(c["value"]) if c else 0 for c in cells]]
+        a.bar(x + (j - 0.5) * 0.4, y, 0.4, yerr=err, capsize=2, color=color, label=f"thinking {mode}")
+        t = [float(get[(m, "all", mode, "tokens")]["value"]) if (m, "all", mode, "tokens") in get else np.nan
+             for m in models]
+        b.bar(x + (j - 0.5) * 0.4, t, 0.4, color=color, label=f"thinking {mode}")
+    a.set_ylabel("pass@1, all test domains")
+    a.set_ylim(0, 1)
+    b.set_ylabel("mean response length (tokens)")
+    for ax in (a, b):
+        ax.set_xticks(x, labels, rotation=25, ha="right")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (higher is better in both), by x.
+
+    >>> pareto_front([(1, 0.9), (2, 0.8), (2, 0.5), (3, 0.85)])
+    [0, 3]
+    """
+    idx = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in idx:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def accuracy_vs_throughput(rows: list[dict], domain: str = "all", mode: str = "on", ax=None,
+                           title: str = "Figures 2/4 analog: accuracy against measured throughput"):
+    """Every checkpoint's pass@1 (``domain``, ``mode``) against its measured decode throughput on this
+    machine, with the Pareto front (no checkpoint both faster and more accurate)."""
+    get = {(r["model"], r["domain"], r["mode"], r["metric"]): r for r in rows}
+    models = [m for m in dict.fromkeys(r["model"] for r in rows)
+              if (m, domain, mode, "pass@1") in get and (m, "speed", "-", "decode_tok_s") in get]
+    pts = [(float(get[(m, "speed", "-", "decode_tok_s")]["value"]), float(get[(m, domain, mode, "pass@1")]["value"]))
+           for m in models]
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (m, (x, y)) in enumerate(zip(models, pts)):
+        r = get[(m, domain, mode, "pass@1")]
+        ax.errorbar([x], [y], yerr=[[y - float(r["low"])], [float(r["high"]) - y]], fmt="o", color=f"C{i % 10}",
+                    capsize=2, label=r["label"])
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "o--", color="k", mfc="none", ms=13, lw=1,
+            label="Pareto front (ringed)")
+    ax.set_xlabel("measured decode throughput (tokens/s, this CPU)")
+    ax.set_ylabel(f"pass@1, {domain}, thinking {mode}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if own:
+        fig.tight_layout()
+        return fig
+    return ax.figure
+
+
 def grpo_curriculum_vs_random(folders: dict, params: dict,
                               title: str = "Figure 6 analog: curriculum vs random batching (mean, min-max over seeds)"):
     """From a sweep of stage 07 (``folders``: variant -> run folder; ``params``: variant -> its parameters):
@@ -557,6 +631,7 @@ FIGURES = {
     "07_grpo_accuracy": ("07_grpo", "accuracy_curve.png", lambda d: grpo_accuracy(_csv(d / "eval_curve.csv"))),
     "07_grpo_training": ("07_grpo", "training.png", lambda d: grpo_training(_csv(d / "train_log.csv"), _jsonl(d / "batches.jsonl"))),
     "08_alignment_phases": ("08_alignment", "phases.png", lambda d: alignment_phases(_csv(d / "phases.csv"))),
+    "09_evaluation_table": ("09_evaluation", "table.png", lambda d: evaluation_table(_csv(d / "results.csv"))),
 }
 
 

@@ -8,9 +8,13 @@ constraints by exact rules; code by running it against the item's hidden tests i
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from lnkit.sandbox import check_function
+
+SANDBOX_WORKERS = max(2, os.cpu_count() or 1)  # sandboxed programs at once: the waiting is on the child
 
 ANSWER_RE = re.compile(r"answer is\s*:?\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.DOTALL)
 
@@ -140,3 +144,64 @@ def check(answer: str, item) -> bool:
         return bool(fn(answer, item))
     except Exception:  # a malformed answer must never crash an evaluation or an RL step
         return False
+
+
+_CODE_VERDICTS: dict[tuple, bool] = {}  # (program, function, cases) -> passed: the same program, the same verdict
+_CODE_VERDICTS_MAX = 100_000
+
+
+def check_many(answers: list[str], items: list, *, workers: int = SANDBOX_WORKERS, progress=None) -> list[bool]:
+    """:func:`check` for each (answer, item) pair, each distinct pair verified once.
+
+    Code runs in the sandbox ``workers`` programs at once (each a subprocess of its own: threads overlap the
+    waiting), and a program already run against the same tests in this process is not run again (the
+    correct solutions of several models, or of many RL steps, are mostly the same text). math-verify's
+    timeouts use signals, so the other verifiers stay on this thread. ``progress``: a bar advanced once per
+    distinct pair.
+
+    >>> from types import SimpleNamespace as S
+    >>> it = S(id="m1", gold="4", verifier="math", meta={})
+    >>> check_many(["The answer is 4.", "The answer is 5.", "The answer is 4."], [it, it, it])
+    [True, False, True]
+    """
+    if len(answers) != len(items):
+        raise ValueError(f"{len(answers)} answers for {len(items)} items")
+    todo: dict[tuple, int] = {}
+    for j, (a, it) in enumerate(zip(answers, items)):
+        todo.setdefault(_key(a, it), j)
+    verdict: dict[tuple, bool] = {}
+
+    def one(key):
+        j = todo[key]
+        return key, check(answers[j], items[j])
+
+    def done(key, ok):
+        verdict[key] = ok
+        if progress is not None:
+            progress.update(1)
+
+    sandboxed = []
+    for key in todo:
+        if key[0] != "code":
+            done(*one(key))
+        elif key in _CODE_VERDICTS:
+            done(key, _CODE_VERDICTS[key])
+        else:
+            sandboxed.append(key)
+    if sandboxed:
+        with ThreadPoolExecutor(max(1, min(workers, len(sandboxed)))) as pool:
+            for key, ok in pool.map(one, sandboxed):
+                if len(_CODE_VERDICTS) >= _CODE_VERDICTS_MAX:
+                    _CODE_VERDICTS.clear()
+                _CODE_VERDICTS[key] = ok
+                done(key, ok)
+    return [verdict[_key(a, it)] for a, it in zip(answers, items)]
+
+
+def _key(answer: str, item) -> tuple:
+    """What a verdict depends on: for code the program and the tests (not the item's id: two worlds may reuse
+    an id), for the rest the item's id and the answer (within one call)."""
+    if item.verifier == "code":
+        meta = item.meta or {}
+        return ("code", extract_code(answer), meta.get("func", "f"), repr(meta.get("tests")))
+    return (item.verifier, item.id, answer)

@@ -21,15 +21,11 @@ Generated code is hostile input: it only ever runs in :mod:`lnkit.sandbox` (thro
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 from lnkit.data.chat import THINK_CLOSE, THINK_OFF, THINK_ON, THINK_OPEN, split_response
 from lnkit.data.tasks import Item
-from lnkit.verify import check
-
-SANDBOX_WORKERS = max(2, os.cpu_count() or 1)  # concurrent sandboxed programs when scoring code
+from lnkit.verify import check_many
 
 
 def text_of(x) -> str:
@@ -78,14 +74,9 @@ def accuracy_reward(prompts, completions, **columns) -> list[float]:
     items = [_item(i, columns) for i in range(len(completions))]
     answers = [split_response(text_of(c))[1] for c in completions]
     out = [0.0] * len(completions)
-    sandboxed = [i for i, it in enumerate(items) if finished[i] and it.verifier == "code"]
-    for i, it in enumerate(items):  # math-verify's timeouts use signals: it stays on this thread
-        if finished[i] and it.verifier != "code":
-            out[i] = 1.0 if check(answers[i], it) else 0.0
-    if sandboxed:  # each program in a sandbox of its own, a few at a time (the waiting is on the child)
-        with ThreadPoolExecutor(max(1, min(SANDBOX_WORKERS, len(sandboxed)))) as pool:
-            for i, ok in zip(sandboxed, pool.map(lambda j: check(answers[j], items[j]), sandboxed)):
-                out[i] = 1.0 if ok else 0.0
+    done = [i for i in range(len(completions)) if finished[i]]
+    for i, ok in zip(done, check_many([answers[i] for i in done], [items[i] for i in done])):
+        out[i] = 1.0 if ok else 0.0
     return out
 
 

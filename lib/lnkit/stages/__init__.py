@@ -18,6 +18,8 @@ module                 stage (folder, notebook)    paper
 ``sft``                ``06_reasoning_sft``        §4 reasoning SFT with the toggle
 ``grpo``               ``07_grpo``                 §5 GRPO with the pass-rate curriculum
 ``alignment``          ``08_alignment``            §6 RLOO, a reward model, online RPO
+``evaluation``         ``09_evaluation``           Tables 3/5: every checkpoint, on and off
+``figures``            ``10_paper_figures``        every paper figure the run can redraw, REPORT.md
 =====================  ==========================  =============================================
 
 Stages import components (``lnkit.model``, ``lnkit.puzzle``, ``lnkit.train``, ``lnkit.data`` ...) and never
@@ -26,7 +28,19 @@ each other; components never import a stage (checked by import-linter, see ``pyp
 
 from __future__ import annotations
 
-from lnkit.stages import alignment, curation, distill, fusion, grpo, library, parent, search, sft
+from lnkit.stages import (
+    alignment,
+    curation,
+    distill,
+    evaluation,
+    figures,
+    fusion,
+    grpo,
+    library,
+    parent,
+    search,
+    sft,
+)
 
-PIPELINE = [parent, library, search, fusion, distill, curation, sft, grpo, alignment]
+PIPELINE = [parent, library, search, fusion, distill, curation, sft, grpo, alignment, evaluation, figures]
 BY_NAME = {m.NAME: m for m in PIPELINE}
