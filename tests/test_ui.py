@@ -250,3 +250,34 @@ def test_live_panel_follows_stage_08_in_jupyterlab(lab, browser, tmp_path):
         wait_for_status(page, "finished")
     page.screenshot(path=SHOTS / f"{name}-1-live.png")
     page.close()
+
+
+def test_paper_figures_explorer_in_jupyterlab(lab, browser, tmp_path):
+    """Stage 10's notebook on a run folder holding only stage 09's files (the tiny run's, shipped in
+    tests/fixtures): the figures that need other stages are skipped with a note, and the Figures 2/4 explorer
+    follows its pickers."""
+    run_dir = tmp_path / "run"
+    ev = run_dir / "09_evaluation"
+    ev.mkdir(parents=True)
+    for f in ("results.csv", "models.json"):
+        shutil.copy(runs.REPO / "tests" / "fixtures" / "evaluation_tiny" / f, ev / f)
+    (ev / "_COMPLETE.json").write_text("{}")
+    run_file = tmp_path / "ui10.yaml"
+    run_file.write_text(yaml.safe_dump({"run": "ui10", "run_dir": str(run_dir),
+                                        "stages": {"10_paper_figures": {"sweep": "", "progress": False}}}))
+    name = "10_paper_figures.ipynb"
+    prepare(runs.NOTEBOOKS / name, run_file, lab.root / name)
+    page, nb = run_in_lab(browser, lab, name, timeout_s=120)
+    with shot_on_failure(page, name):
+        first = lab_ui.wait_for_text(page, "checkpoint: aligned")
+        assert "pass@1, all, thinking on" in first and "x the parent's measured decode throughput" in first
+        lab_ui.widget(page, "dropdown", "checkpoint").locator("select").select_option(label="parent")
+        text = lab_ui.wait_for_text(page, "checkpoint: parent")
+        assert "1.00x the parent's" in text
+        lab_ui.widget(page, "dropdown", "domain").locator("select").select_option("math")
+        text = lab_ui.wait_for_text(page, "pass@1, math, thinking on")
+        assert "checkpoint: parent" in text
+    outputs = "\n".join(t["text"] for t in lab_ui.output_texts(page) if "text" in t)
+    assert "skipped fig3_puzzle_frontier: stage 02_architecture_search has not completed" in outputs
+    page.screenshot(path=SHOTS / f"{name}-2-picked.png")
+    page.close()

@@ -133,6 +133,14 @@ def label_of(spec: str) -> str:
     return LABELS.get(spec, spec)
 
 
+def relative(folder: Path, run_dir: str) -> str:
+    """``folder`` relative to the run folder where it lies inside it (a run folder can be moved), else absolute."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return str(Path(folder).resolve())
+
+
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -218,14 +226,9 @@ def evaluate_model(p: Params, spec: str, folder: Path, ctx: dict, out: Path) -> 
     ids = ",".join(it.id for it in test)
     gen = f"max_new={p.max_new_tokens}|seed={p.seed}|items={text_digest(ids)}"
 
-    def strip(rows):
-        return [{k: v for k, v in r.items()} for r in rows]
-
     kw = dict(max_new_tokens=p.max_new_tokens, seed=p.seed, progress=p.progress, batch_size=p.batch)
-    sampled = store.get(f"sampled|k={p.k}|{gen}",
-                        lambda: strip(evaluate(model, tok, test, modes=("on",), k=p.k, **kw)))
-    greedy = store.get(f"greedy|{gen}", lambda: strip(evaluate(model, tok, test, modes=("off", "on"), greedy=True,
-                                                               **kw)))
+    sampled = store.get(f"sampled|k={p.k}|{gen}", lambda: evaluate(model, tok, test, modes=("on",), k=p.k, **kw))
+    greedy = store.get(f"greedy|{gen}", lambda: evaluate(model, tok, test, modes=("off", "on"), greedy=True, **kw))
     rows = domain_rows(spec, sampled, greedy, p.domains)
 
     for mode in ("on", "off"):
@@ -366,7 +369,7 @@ def run(p: Params) -> dict:
     write_csv(out / "results.csv", rows, FIELDS)
     table = table_view(rows, specs)
     write_csv(out / "table.csv", table, list(table[0]))
-    atomic_write_json(out / "models.json", {s: {"label": label_of(s), "folder": str(folders[s]),
+    atomic_write_json(out / "models.json", {s: {"label": label_of(s), "folder": relative(folders[s], p.run_dir),
                                                 "config": json.loads((folders[s] / "config.json").read_text())}
                                             for s in specs})
     best = {m: max(table, key=lambda r: r[f"pass@1 {m}"] or 0) for m in ("on", "off")}
