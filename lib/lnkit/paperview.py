@@ -54,13 +54,13 @@ def explorer(stage_folder: str | Path):
     with open(folder / "results.csv") as f:
         rows = list(csv.DictReader(f))
     models = json.loads((folder / "models.json").read_text())
-    first = next(iter(models.values()))["config"]
+    first = models[rows[0]["model"]]["config"]  # the parent: evaluated first
     parent_ffn = first.get("intermediate_size") or first["hidden_size"] * 4
     domains = ["all"] + sorted({r["domain"] for r in rows if r["metric"] == "pass@1" and r["domain"] != "all"})
     domain = w.Dropdown(options=domains, value="all", description="domain")
     mode = w.ToggleButtons(options=["on", "off"], value="on", description="thinking")
-    model = w.Dropdown(options=[(v["label"], k) for k, v in models.items()], value=list(models)[-1],
-                       description="checkpoint")
+    order = [m for m in dict.fromkeys(r["model"] for r in rows) if m in models]  # evaluation order: parent first
+    model = w.Dropdown(options=[(models[k]["label"], k) for k in order], value=order[-1], description="checkpoint")
     out = w.Output()
 
     def draw(*_):
