@@ -4,17 +4,15 @@ the package, and lm-eval's greedy answers and accuracy equal lnkit's own on the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 import helpers
 from lnkit.checkpoints import load_model
+from lnkit.data.chat import SPECIAL_TOKENS
 from lnkit.data.splits import load_split
 from lnkit.eval import evaluate
-
-from lnkit.data.chat import SPECIAL_TOKENS
 
 lm_eval = pytest.importorskip("lm_eval")
 

@@ -30,9 +30,10 @@ def evaluate(model_dir: str | Path, run_dir: str | Path, tasks=TASKS, *, limit: 
              batch_size: int = 32, device: str = "cpu") -> dict:
     """lm-eval's ``simple_evaluate`` of a checkpoint on the tiny world's tasks (the test split of
     ``run_dir``), with every sample logged (``results["samples"][task]``)."""
-    import lnkit.model  # noqa: F401  (nemotron-nas for the Auto classes)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    import lnkit.model  # noqa: F401  (nemotron-nas for the Auto classes)
 
     tm = TaskManager(include_path=str(TASKS_DIR), metadata={"run_dir": str(run_dir)})
     return simple_evaluate(model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"},
@@ -41,8 +42,9 @@ def evaluate(model_dir: str | Path, run_dir: str | Path, tasks=TASKS, *, limit: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    import lnkit.model  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
+
+    import lnkit.model  # noqa: F401
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--include_path" not in args:
