@@ -47,6 +47,11 @@ def test_kv_bytes_and_parameters_by_hand_for_a_small_config():
     cfg = tiny_nas([(2, 32), ("linear", "linear"), ("no_op", 48), (4, "no_op")])
     assert deploy.kv_bytes_per_token(cfg, "bf16") == (2 * 2 * 16 + 2 * 1 * 16) * 2
     assert deploy.kv_bytes_per_token(cfg, "fp8") == 2 * 2 * 16 + 2 * 1 * 16
+    # tensor parallelism past a layer's KV heads: every rank keeps one of its own (max(kv, tp) heads cached)
+    assert deploy.kv_bytes_per_token(cfg, "fp8", tp=2) == 2 * 2 * 16 + 2 * 2 * 16
+    assert deploy.kv_bytes_per_token(cfg, "fp8", tp=4) == 2 * 4 * 16 + 2 * 4 * 16
+    plan = deploy.memory_plan(cfg, "H100", 4, "fp8", "fp8", 0.1)
+    assert plan["kv_bytes_per_token"] == deploy.kv_bytes_per_token(cfg, "fp8", tp=4)
     h = 64
     attn = lambda kv: 2 * h * 64 + 2 * h * kv * 16 + h  # noqa: E731  q,o + k,v + norm
     expected = (2 * 100 * h + h  # embeddings, lm_head, final norm
@@ -234,3 +239,16 @@ def test_explore_counts_every_replica():
     text = deploy.explore("LN-Ultra", "H200", num_gpus=16, tp=8, batch_size=32)
     assert "16 x H200 at TP8: 2 replicas of 8 GPUs" in text and f"{2 * plan['kv_tokens']:,} in all" in text
     assert f"{est['per_gpu_tok_s']:,.0f} tok/s per GPU, {2 * est['throughput_tok_s']:,.0f} tok/s in all" in text
+
+
+def test_the_roofline_reads_replicated_kv_heads_past_the_tp_degree():
+    """Decode at a long context is KV-bound. At TP 2 a model with 2 KV heads reads a quarter of the KV bytes
+    of one with 8 and decodes faster; at TP 8 each rank keeps a replica of one of its 2 heads, 8 in all, so
+    it reads as much as the 8-head model and only its smaller K/V weights remain (under 1%)."""
+    def step(kv, tp):
+        config = {**deploy.BUILTIN_CONFIGS["Llama-3.3-70B"], "num_key_value_heads": kv}
+        return deploy.estimate(config, "H100", tp=tp, batch_size=64, prompt_len=8192, output_len=256,
+                               weight_dtype="fp8", kv_dtype="fp8")["decode_step_s"]
+
+    assert step(2, 2) / step(8, 2) < 0.7
+    assert 0.99 < step(2, 8) / step(8, 8) < 1.0

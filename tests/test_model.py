@@ -509,3 +509,27 @@ def test_vllm_compatibility_cases():
     no_attention = NemotronNasConfig(vocab_size=10, hidden_size=384, num_hidden_layers=1, num_attention_heads=6,
                                      block_configs=[{"attention": att(no_op=True), "ffn": ffn(mult=1.0)}])
     assert any("no layer has attention" in p for p in vllm_compatibility(no_attention))
+
+
+def test_vllm_refuses_a_first_layer_without_attention_before_loading(tmp_path):
+    from lnkit.vllm_backend import check_servable
+
+    def config(first_no_op):
+        return NemotronNasConfig(vocab_size=10, hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
+                                 block_configs=[{"attention": att(no_op=first_no_op) if first_no_op else att(2),
+                                                 "ffn": ffn(mult=1.0)},
+                                                {"attention": att(2), "ffn": ffn(mult=1.0)}])
+    first = config(True)
+    assert [p for p in vllm_compatibility(first) if "block_configs[0].attention.no_op" in p] == [
+        "block_configs[0].attention.no_op: vLLM's decoder layer calls its fused residual norm with no residual "
+        "when the first layer's attention is a no-op"]
+    later = NemotronNasConfig(vocab_size=10, hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
+                              block_configs=[{"attention": att(2), "ffn": ffn(mult=1.0)},
+                                             {"attention": att(no_op=True), "ffn": ffn(mult=1.0)}])
+    assert vllm_compatibility(later) == []
+    # the vllm backends check a folder before vLLM is imported (so this runs without vLLM)
+    first.save_pretrained(tmp_path / "first")
+    with pytest.raises(VllmCompatibilityError, match=r"block_configs\[0\]\.attention\.no_op"):
+        check_servable(tmp_path / "first")
+    later.save_pretrained(tmp_path / "later")
+    check_servable(tmp_path / "later")

@@ -19,7 +19,8 @@ What the model counts, and what it leaves out (each a deliberate simplification)
   81,559 MiB (85.5e9 bytes), 7% more, so the capacities here are on the low side.
 - Time: each sub-block is a roofline ``max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth)``
   on one tensor-parallel rank with perfect sharding (heads, KV heads and FFN width split evenly;
-  with ``tp`` above the KV-head count real engines replicate KV heads, which this ignores), plus one
+  with ``tp`` above a layer's KV-head count each rank keeps one KV head of its own, as vLLM and
+  Megatron replicate them: ``max(kv_heads, tp)`` heads per layer are cached and read), plus one
   ring all-reduce after every sub-block that has weights when ``tp > 1``. No-op sub-blocks cost
   nothing. Kernel launch gaps, scheduling, sampling, and the overlap of communication with compute
   are not modelled; :class:`Assumptions` holds the efficiency factors, stated and overridable.
@@ -233,22 +234,27 @@ def count_parameters(config) -> int:
     return emb + sum(attention_params(s, L) + ffn_params(s, L) for L in s.layers)
 
 
-def kv_bytes_per_token(config, kv_dtype: str = "bf16") -> int:
-    """K and V for one token across the model: ``2 x kv_heads x head_dim x bytes`` per attention layer.
+def kv_bytes_per_token(config, kv_dtype: str = "bf16", tp: int = 1) -> int:
+    """K and V for one token across the model on one replica of ``tp`` GPUs: ``2 x kv_heads x head_dim x
+    bytes`` per attention layer, with ``max(kv_heads, tp)`` heads where ``tp`` exceeds a layer's KV heads
+    (each rank keeps a replica of one).
 
     Linear-replacement and no-op attention layers keep no cache.
 
-    >>> kv_bytes_per_token({"hidden_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2,
-    ...                     "num_key_value_heads": 1, "intermediate_size": 16, "vocab_size": 10}, "fp8")
-    24
+    >>> cfg = {"hidden_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+    ...        "intermediate_size": 16, "vocab_size": 10}
+    >>> kv_bytes_per_token(cfg, "fp8"), kv_bytes_per_token(cfg, "fp8", tp=2)
+    (24, 48)
     """
     s = model_shape(config)
-    return sum(2 * L.kv_heads * s.head_dim for L in s.layers if L.attention == "attention") * dtype_bytes(kv_dtype)
+    return sum(2 * max(L.kv_heads, tp) * s.head_dim for L in s.layers
+               if L.attention == "attention") * dtype_bytes(kv_dtype)
 
 
 def memory_plan(config, gpu="H100", num_gpus: int = 1, weight_dtype: str = "bf16", kv_dtype: str = "bf16",
                 reserve_fraction: float = 0.1) -> dict:
     """Where the memory of ``num_gpus`` GPUs goes: weights, the reserve, and KV cache for how many tokens.
+    The GPUs hold one replica, tensor-parallel across them (KV heads replicate past ``num_gpus``).
 
     The reserve (activations, CUDA graphs, the runtime's own buffers) is a fraction of all memory, like
     vLLM's ``gpu_memory_utilization = 1 - reserve_fraction``. Weights that do not fit leave 0 tokens.
@@ -262,7 +268,7 @@ def memory_plan(config, gpu="H100", num_gpus: int = 1, weight_dtype: str = "bf16
     weights = count_parameters(config) * dtype_bytes(weight_dtype)
     reserve = reserve_fraction * total
     free = total - reserve - weights
-    per_token = kv_bytes_per_token(config, kv_dtype)
+    per_token = kv_bytes_per_token(config, kv_dtype, num_gpus)  # one replica: num_gpus is its TP degree
     return {"total_bytes": total, "weight_bytes": weights, "reserve_bytes": reserve,
             "kv_free_bytes": max(free, 0.0), "kv_bytes_per_token": per_token,
             "weights_fit": free >= 0, "kv_tokens": int(max(free, 0.0) // per_token) if per_token else 0}
@@ -360,7 +366,7 @@ def _subblock_seconds(s: Shape, L: Layer, part: str, tokens: int, pairs: float, 
     nbytes = params * wbytes + 2 * tokens * s.hidden * act  # weights, read once, and activations in/out
     attn_flops = 0.0
     if part == "attention" and L.attention == "attention":
-        kv_row = 2 * L.kv_heads * s.head_dim * kvbytes  # K and V of one token in this layer
+        kv_row = 2 * max(L.kv_heads, tp) * s.head_dim * kvbytes  # K and V of one token (replicated past tp)
         attn_flops = 2 * 2 * s.heads * s.head_dim * pairs  # QK^T and AV
         nbytes += kv_row * (tokens + kv_read)
     t = _roofline(2 * params * tokens, gemm_peak, attn_flops, gpu.bf16_tflops * 1e12, nbytes, gpu, tp, a)

@@ -16,6 +16,19 @@ from __future__ import annotations
 from functools import lru_cache
 
 
+def check_servable(path, tensor_parallel_size: int = 1) -> None:
+    """Refuse, before vLLM loads anything, a ``nemotron-nas`` folder its loader cannot serve
+    (:func:`lnkit.model.export.check_vllm_compatible` names every reason); other model types pass."""
+    import json
+    from pathlib import Path
+
+    from lnkit.model.config import NemotronNasConfig
+    from lnkit.model.export import check_vllm_compatible
+
+    if json.loads((Path(path) / "config.json").read_text()).get("model_type") == "nemotron-nas":
+        check_vllm_compatible(NemotronNasConfig.from_pretrained(path), tensor_parallel_size)
+
+
 @lru_cache(maxsize=2)
 def _engine(path: str, dtype: str, gpu_memory_utilization: float):
     from vllm import LLM
@@ -35,6 +48,7 @@ def generate_vllm(model, prompts: list[str], *, max_new_tokens: int, temperature
     path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
     if not path:
         raise ValueError("backend='vllm' needs a checkpoint folder (or a model loaded from one)")
+    check_servable(path)
     llm = _engine(str(path), dtype, gpu_memory_utilization)
     tok = llm.get_tokenizer()
     stop = [t for t in (tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>"))

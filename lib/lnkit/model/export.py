@@ -32,6 +32,9 @@ same tensors as this format.
   the *first* attention layer's count for the whole model. We therefore require each layer's count to divide
   the largest (the released LN-Super/Ultra configs use 8 KV heads everywhere and pass).
 - no attention layer at all: ``get_total_num_kv_heads`` raises "Couldn't determine number of kv heads".
+- a first layer whose attention is a no-op: ``DeciLMDecoderLayer.forward`` skips the attention and its
+  input norm, then calls the post-attention norm as a fused residual norm with ``residual=None`` on the
+  first layer, which the fused kernel does not accept: refused.
 - released sink/window/sparsify fields are ignored by vLLM (and by :mod:`lnkit.model.modeling`): refused
   when set, since the served model would silently differ.
 
@@ -129,6 +132,9 @@ def vllm_compatibility(config, tensor_parallel_size: int = 1) -> list[str]:
     problems = []
     if c.num_attention_heads % tp:
         problems.append(f"num_attention_heads={c.num_attention_heads} is not divisible by tensor_parallel_size={tp}")
+    if c.block_configs and c.block_configs[0].attention.no_op:
+        problems.append("block_configs[0].attention.no_op: vLLM's decoder layer calls its fused residual norm "
+                        "with no residual when the first layer's attention is a no-op")
     kv_counts = {}
     for i, b in enumerate(c.block_configs):
         a, f = b.attention, b.ffn

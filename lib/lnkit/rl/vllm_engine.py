@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lnkit.data.chat import EOS_TEXT, EOT
 from lnkit.rl.rollout import Rollout, RolloutEngine
+from lnkit.vllm_backend import check_servable
 
 
 class VLLMEngine(RolloutEngine):
@@ -49,6 +50,7 @@ class VLLMEngine(RolloutEngine):
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="lnkit-vllm-")
         self.folder = Path(workdir or self._tmp.name)
         self._save(model)
+        check_servable(self.folder)  # what vLLM's loader cannot serve is named before it loads anything
         # one process, the trainer's: the model inside the engine is reachable for in-place weight pushes
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
