@@ -533,3 +533,52 @@ def test_vllm_refuses_a_first_layer_without_attention_before_loading(tmp_path):
         check_servable(tmp_path / "first")
     later.save_pretrained(tmp_path / "later")
     check_servable(tmp_path / "later")
+
+
+def test_a_saved_folder_loads_where_lnkit_cannot_be_imported(tmp_path, tok):
+    """save_model writes the model's own code and an auto_map: in a process where `import lnkit` fails,
+    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the same heterogeneous model
+    (attention kinds, GQA widths, FFN widths, llama3 RoPE) and gives the same logits, greedy generation
+    included."""
+    import subprocess
+    import sys
+
+    from lnkit.checkpoints import save_model
+    from lnkit.model.standalone import CONFIG_FILE, MODELING_FILE
+
+    model = hetero_model(vocab_size=len(tok))
+    folder = tmp_path / "child"
+    save_model(model, tok, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_lnkit_nas.NemotronNasConfig",
+                               "AutoModelForCausalLM": "modeling_lnkit_nas.NemotronNasForCausalLM"}
+    assert (folder / CONFIG_FILE).is_file() and (folder / MODELING_FILE).is_file()
+    ids = torch.randint(3, len(tok), (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        want = model(ids).logits
+        want_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    script = f"""
+import sys
+sys.modules["lnkit"] = None  # as on a machine without lnkit: any `import lnkit...` raises ImportError
+import torch
+from transformers import AutoModelForCausalLM
+try:
+    import lnkit  # noqa: F401
+    raise SystemExit("lnkit is importable")
+except ImportError:
+    pass
+m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+ids = torch.load({str(tmp_path / "ids.pt")!r})
+with torch.no_grad():
+    torch.save({{"logits": m(ids).logits, "gen": m.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)}},
+               {str(tmp_path / "out.pt")!r})
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert (got["logits"] - want).abs().max().item() <= 1e-5
+    assert torch.equal(got["gen"], want_gen)

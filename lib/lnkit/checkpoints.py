@@ -76,10 +76,15 @@ def model_dir(run_dir: str | Path, spec: str) -> Path:
 
 
 def save_model(model, tok, path: str | Path) -> None:
-    """Hugging Face checkpoint (safetensors + tokenizer), written atomically with a manifest."""
+    """Hugging Face checkpoint (safetensors + tokenizer), written atomically with a manifest; a ``nemotron-nas``
+    model also gets its modeling code and an ``auto_map`` (:mod:`lnkit.model.standalone`)."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if getattr(model.config, "model_type", "") == "nemotron-nas":  # loads without lnkit, trust_remote_code=True
+            from lnkit.model.standalone import write_remote_code
+
+            write_remote_code(tmp)
 
 
 def load_model(path: str | Path, device: str = "cpu"):

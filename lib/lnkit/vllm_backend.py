@@ -5,10 +5,10 @@ whose ``name_or_path`` is one (as after ``from_pretrained``). Engines are cached
 one costs tens of seconds. Only imported when ``backend="vllm"``; never on the CPU path.
 
 vLLM serves ``nemotron-nas`` folders with its own ``DeciLMForCausalLM``; it reads the config through
-transformers, which knows ``model_type: nemotron-nas`` only once :mod:`lnkit.model` is imported (it is,
-below). vLLM engines that run the model in a separate process need the same import there, e.g. through
-``VLLM_PLUGINS`` or a ``sitecustomize``; check a folder first with
-:func:`lnkit.model.export.check_vllm_compatible`.
+transformers, which knows ``model_type: nemotron-nas`` once :mod:`lnkit.model` is imported (it is, below), or
+through the code and ``auto_map`` every lnkit folder carries (``trust_remote_code=True``, for engines that run
+the model in a process of their own). :func:`check_servable` refuses, before loading, what vLLM's loader
+cannot serve (:func:`lnkit.model.export.check_vllm_compatible`).
 """
 
 from __future__ import annotations

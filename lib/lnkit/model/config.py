@@ -9,9 +9,10 @@ Extra keys of the released files (``auto_map``, ``pretraining_tp``, the sink-att
 are kept on read. On write the config looks like the released one: ``architectures`` is
 ``["DeciLMForCausalLM"]``, RoPE is written as ``rope_theta`` + ``rope_scaling`` (transformers >= 5 holds
 them as one ``rope_parameters`` dict; transformers 4.x and tools reading config.json directly know only the pair),
-and ``auto_map`` is dropped: it points at remote code (``configuration_decilm.py``) that an lnkit folder does
-not ship, so keeping it would break ``trust_remote_code=True`` readers. ``import lnkit.model`` registers this
-class for ``model_type="nemotron-nas"``, so ``AutoConfig`` uses it without ``trust_remote_code``.
+and a released ``auto_map`` is dropped: it points at NVIDIA's remote code (``configuration_decilm.py``), which
+an lnkit folder does not ship. lnkit's own (:data:`AUTO_MAP`, the code :mod:`lnkit.model.standalone` writes
+into every saved folder) is kept. ``import lnkit.model`` registers this class for
+``model_type="nemotron-nas"``, so ``AutoConfig`` uses it without ``trust_remote_code``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from transformers import PretrainedConfig
 from lnkit.blocks import BlockConfig, parse_block_configs
 
 ARCHITECTURE = "DeciLMForCausalLM"  # the released checkpoints' class name, which vLLM dispatches on
+# The self-contained code lnkit writes beside the weights (lnkit.model.standalone), for trust_remote_code readers.
+AUTO_MAP = {"AutoConfig": "configuration_lnkit_nas.NemotronNasConfig",
+            "AutoModelForCausalLM": "modeling_lnkit_nas.NemotronNasForCausalLM"}
 # Released block fields for sink tokens, attention windows and sparsity: kept on read, null in every released
 # config, implemented nowhere here (nor in vLLM), so a config that sets one is refused where it would matter.
 UNSUPPORTED_EXTRAS = ("window_length", "num_sink_tokens", "sparsify", "unshifted_sink",
@@ -115,7 +119,8 @@ class NemotronNasConfig(PretrainedConfig):
         out.pop("rope_parameters", None)
         out["rope_theta"], out["rope_scaling"] = theta, scaling
         out["architectures"] = [ARCHITECTURE]
-        out.pop("auto_map", None)
+        if out.get("auto_map") != AUTO_MAP:  # NVIDIA's points at code an lnkit folder does not ship
+            out.pop("auto_map", None)
         if out.get("head_dim") is None:
             out.pop("head_dim", None)  # the released files have no head_dim key
         return out

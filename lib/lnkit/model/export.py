@@ -38,8 +38,9 @@ same tensors as this format.
 - released sink/window/sparsify fields are ignored by vLLM (and by :mod:`lnkit.model.modeling`): refused
   when set, since the served model would silently differ.
 
-vLLM reads the config through transformers: a folder saved by lnkit has no ``auto_map`` (no remote code),
-so the serving process must ``import lnkit.model`` (registering ``nemotron-nas``) before building the engine.
+vLLM reads the config through transformers: a folder saved by lnkit carries its own code and an ``auto_map``
+(:mod:`lnkit.model.standalone`), so a serving process reads it with ``trust_remote_code=True``, or after
+``import lnkit.model`` (which registers ``nemotron-nas``) without it.
 """
 
 from __future__ import annotations
