@@ -59,6 +59,10 @@ def test_bad_parameters_name_stage_field_and_allowed_values(tmp_path, stage_para
     ({**BASE, "run": ".."}, "run='..' must be a plain name"),
     ({**BASE, "stages": {"02_architecture_search": {"budgets": []}}}, "budgets=[] is empty"),
     ({**BASE, "stages": {"02_architecture_search": {"budgets": [1.0]}}}, "holds no budget below 1.0"),
+    ({**BASE, "sweep": {"grid": {"seed": []}}}, "sweep.grid: expected a mapping of parameter -> non-empty list"),
+    ({**BASE, "sweep": {"grid": {"seed": [1]}, "list": []}}, "sweep: expected exactly one of ['grid', 'list']"),
+    ({**BASE, "sweep": {"list": [{"seed": 1}, {"seed": 1}]}}, "two points are the same"),
+    ({**BASE, "sweep": {"grid": {"07_grpo.lr": [0.1]}}}, "names stage 07_grpo, which is not in the run's stages"),
 ])
 def test_bad_run_files(tmp_path, spec, message):
     with pytest.raises(RunError, match=None) as e:
@@ -205,3 +209,40 @@ def test_until_and_from_pick_a_range_and_the_run_file_is_kept(tmp_path, capsys):
     assert "no stage to run" in capsys.readouterr().err
     assert main([path, "--until", "07_magic"]) == 1
     assert "stage '07_magic' is not in run file" in capsys.readouterr().err
+
+
+def test_a_sweep_runs_each_point_as_a_run_of_its_own_and_collates_them(tmp_path, capsys):
+    """A 2-point grid over stage 00 at smoke size: each point a run folder of its own (resumable like any run:
+    a second call skips both), one row per point in sweep.csv with the point's value and the stage's metrics,
+    and a figure; a bad value at any point stops the sweep before anything runs."""
+    import csv
+
+    from lnkit.runs import REPO
+
+    smoke = yaml.safe_load((REPO / "papermill_runs" / "smoke.yaml").read_text())
+    spec = {"run": f"test-sweep-{tmp_path.name}", "run_dir": str(tmp_path / "sweep"), "shared": {"progress": False},
+            "stages": {"00_parent": {**smoke["stages"]["00_parent"], "steps": 4}},
+            "sweep": {"grid": {"00_parent.lr": [0.003, 0.03]}}}
+    bad = write(tmp_path, {**spec, "sweep": {"list": [{"00_parent.lr": 0.003}, {"00_parent.lr": -1.0}]}})
+    assert main([str(bad)]) == 1
+    assert "lr=-1.0" in capsys.readouterr().err and not any((tmp_path / "sweep").glob("*/00_parent"))
+    path = write(tmp_path, spec)
+    try:
+        assert main([str(path)]) == 0
+        rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+        assert [r["point"] for r in rows] == ["00_parent.lr0.003", "00_parent.lr0.03"]
+        assert [float(r["00_parent.lr"]) for r in rows] == [0.003, 0.03]
+        assert all(r["00_parent.parameters"] and r["00_parent.accuracy.off/all/all"] for r in rows)
+        assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+        for r in rows:
+            params = yaml.safe_load((tmp_path / "sweep" / r["point"] / "run.yaml").read_text())
+            assert params["stages"]["00_parent"]["lr"] == float(r["00_parent.lr"])
+        capsys.readouterr()
+        assert main([str(path)]) == 0
+        assert capsys.readouterr().out.count("complete with these parameters; skipped") == 2
+    finally:
+        import shutil
+
+        from lnkit.runs import OUTPUT
+        for name in ("00_parent.lr0.003", "00_parent.lr0.03"):
+            shutil.rmtree(OUTPUT / f"{spec['run']}-{name}", ignore_errors=True)

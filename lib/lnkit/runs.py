@@ -21,6 +21,10 @@ fails (a crashed stage rerun without ``--force`` resumes from its last checkpoin
 names the notebook, the cell and the error; earlier stages' artifacts are left as they are. The run file,
 resolved, is kept as ``<run_dir>/run.yaml``, so a notebook can be pointed at the run folder itself.
 
+A run file with a ``sweep:`` section (a grid or a list over any stage's parameters, seeds included) runs
+each point as a run of its own in ``<run_dir>/<point>/`` and collates their metrics into one table and
+figure (:mod:`lnkit.runsweep`).
+
 In a notebook, :func:`notebook_params` reads the same run file from the one parameter ``run``.
 """
 
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from lnkit import runview
+from lnkit import runsweep, runview
 from lnkit.checkpoints import StageNotComplete
 from lnkit.io import atomic_write_text
 from lnkit.params import ParamError, StageParams
@@ -51,7 +55,7 @@ RUN_COPY = "run.yaml"  # the resolved run file, kept in the run folder
 COPY_HEADER = "# Written by python -m lnkit.runs from "  # its first line names the run file it came from
 # Stage name -> its module (lnkit.stages.*). The notebook is notebooks/<stage>.ipynb. Order is run order.
 STAGES = {m.NAME: m for m in PIPELINE}
-RUN_KEYS = {"run", "run_dir", "shared", "stages"}
+RUN_KEYS = {"run", "run_dir", "shared", "stages", "sweep"}
 
 
 class RunError(RuntimeError):
@@ -103,6 +107,12 @@ def read_spec(path: str | Path) -> dict:
         # '' would resolve to the run file's folder and write the run into the checkout
         raise RunError(f"run file {path}: run_dir={spec['run_dir']!r} must be a folder path (a non-empty string)")
     _check_names(spec.get("shared") or {}, f"run file {path}: shared")
+    if "sweep" in spec:
+        try:
+            for pt in runsweep.points(spec["sweep"], f"run file {path}: sweep"):
+                runsweep.point_spec(spec, pt, spec)  # a stage.param naming a stage the run lacks
+        except runsweep.SweepSpecError as e:
+            raise RunError(str(e)) from None
     for stage in spec["stages"]:
         params_class(stage)  # unknown stage -> RunError naming the known ones
         if not isinstance(spec["stages"][stage] or {}, dict):
@@ -286,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="rerun stages from scratch (their folders cleared) even if complete with these parameters")
     a = ap.parse_args(argv)
+    names: list[str] = []
     try:
+        if "sweep" in (spec := read_spec(Path(a.run_file))):
+            return run_sweep(Path(a.run_file), spec, a)
         head, params = load_run(a.run_file)
         names = list(params)
         for flag in (a.start, a.until, a.only):
@@ -328,6 +341,45 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted", file=sys.stderr)
             return 130
         raise
+    return 0
+
+
+def run_sweep(path: Path, spec: dict, a) -> int:
+    """Every point of the run file's ``sweep:`` as a run of its own, then one table and figure
+    (:mod:`lnkit.runsweep`). Each point's run file is validated before any point runs."""
+    base = path.resolve().parent
+    resolved = {"run_dir": _resolve(str(spec["run_dir"]), base),
+                "shared": {k: _resolve(v, base) if _is_path_key(k) else v for k, v in (spec.get("shared") or {}).items()},
+                "stages": {s: {k: _resolve(v, base) if _is_path_key(k) else v for k, v in (vals or {}).items()}
+                           for s, vals in spec["stages"].items()}}
+    pts = runsweep.points(spec["sweep"])
+    run_dir = Path(resolved["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for pt in pts:
+        f = run_dir / f"{runsweep.point_name(pt)}.yaml"
+        atomic_write_text(f, yaml.safe_dump(runsweep.point_spec(spec, pt, resolved), sort_keys=False))
+        load_run(f)  # a bad value at any point stops the sweep before anything runs
+        files.append(f)
+    flags = [x for flag, v in (("--from", a.start), ("--until", a.until), ("--only", a.only)) if v for x in (flag, v)]
+    flags += ["--force"] if a.force else []
+    failed = []
+    for pt, f in zip(pts, files):
+        print(f"=== sweep {spec['run']}: point {runsweep.point_name(pt)} ({len(failed)} failed so far)")
+        rc = main([str(f), *flags])
+        if rc == 130:  # Ctrl-C: stop the sweep, not just this point
+            return rc
+        if rc:
+            failed.append(runsweep.point_name(pt))
+    stages = [s for s in STAGES if s in spec["stages"]]
+    rows = runsweep.collate(run_dir, pts, stages)
+    last = [k for k in rows[0] if k.startswith(stages[-1] + ".")] if rows else []
+    runsweep.figure(rows, last, run_dir / "sweep.png")
+    print(f"sweep {spec['run']}: {len(pts) - len(failed)} of {len(pts)} points done; table {run_dir / 'sweep.csv'}, "
+          f"figure {run_dir / 'sweep.png'}")
+    if failed:
+        print(f"error: sweep points failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
