@@ -246,3 +246,30 @@ def test_a_sweep_runs_each_point_as_a_run_of_its_own_and_collates_them(tmp_path,
         from lnkit.runs import OUTPUT
         for name in ("00_parent.lr0.003", "00_parent.lr0.03"):
             shutil.rmtree(OUTPUT / f"{spec['run']}-{name}", ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", ["ln_super_from_llama70b", "ln_ultra_from_llama405b"])
+def test_the_real_scale_templates_are_valid_once_their_paths_exist(tmp_path, name):
+    """Valid except for the folders and files a user supplies; with those present every stage's parameters
+    validate, and the paper's settings are what the stages get."""
+    from lnkit.runs import REPO
+
+    spec = yaml.safe_load((REPO / "papermill_runs" / f"{name}.yaml").read_text())
+    with pytest.raises(RunError, match="parent_checkpoint='/data/llama-3"):
+        load_run(REPO / "papermill_runs" / f"{name}.yaml")
+    spec["run_dir"] = str(tmp_path / "run")
+    spec["stages"]["00_parent"]["parent_checkpoint"] = str(tmp_path)
+    (tmp_path / "sft.jsonl").write_text("")
+    spec["stages"]["06_reasoning_sft"]["data"] = str(tmp_path / "sft.jsonl")
+    if "07_grpo" in spec["stages"]:
+        spec["stages"]["07_grpo"]["pass_rate_model"] = str(tmp_path)
+    _, params = load_run(write(tmp_path, spec))
+    sft = params["06_reasoning_sft"]
+    assert sft.rows * sft.accum == 256  # Sec. 4.2: global batch 256
+    if name == "ln_super_from_llama70b":
+        assert params["04_distillation"].tokens == 40_000_000_000 and "03_ffn_fusion" not in params
+    else:
+        g = params["07_grpo"]
+        assert g.prompts_per_batch * g.group_size == 576 and g.num_iterations == 2 and g.fp8_rollouts
+        kd = params["04_distillation"]
+        assert kd.tokens * (1 - kd.cpt_fraction) == pytest.approx(65e9, rel=0.01)
