@@ -6,6 +6,9 @@ Resume is exact: the loop state (weights, optimizer moments, step, torch's rando
 history) is checkpointed atomically every ``ckpt_every`` steps and batches are a pure function of their
 index (micro-batch ``k`` of step ``s`` is ``next_batch(s * accum + k)``), so a run killed at any point and
 started again continues from its last checkpoint and ends with the same weights as an unbroken run.
+Under ``torchrun`` with more than one process the model is sharded with FSDP2 and each process trains on
+its rows of the same global batch (:mod:`lnkit.train.distributed`): the losses are those of one process,
+and the checkpoint holds the full state, so a run saved with N processes resumes with M.
 
 The guard (``spike_factor > 0``) reproduces what the paper did by hand when LN-Ultra's training blew up
 (Section 4.2: restarts after gradient explosions): a step whose loss or gradient norm is not finite, or
@@ -36,6 +39,7 @@ import torch
 
 from lnkit.io import CheckpointError, atomic_dir, atomic_path, verify_checkpoint
 from lnkit.progress import progress_bar
+from lnkit.train import distributed
 
 STATE_DIR = "train_state"
 LOG_FILE = "train_log.csv"
@@ -156,9 +160,16 @@ def _architecture_mismatch(saved: dict, model) -> str:
 
 
 def _save_state(out_dir: Path, model, opt, step: int, fingerprint: str, guard: dict | None = None) -> None:
-    with atomic_dir(out_dir / STATE_DIR) as tmp:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "fingerprint": fingerprint,
-                    "rng": _rng_state(), "guard": guard or {}}, tmp / "state.pt")
+    """The full (unsharded) state, parameter names as keys, so any number of processes resumes it; written
+    by rank 0 (every process takes part in gathering it)."""
+    model_state, opt_state = distributed.full_state(model, opt)
+    rank, size = distributed.world()
+    if rank == 0:
+        with atomic_dir(out_dir / STATE_DIR) as tmp:
+            torch.save({"model": model_state, "opt_full": opt_state, "step": step, "fingerprint": fingerprint,
+                        "rng": _rng_state(), "guard": guard or {}}, tmp / "state.pt")
+    if size > 1:
+        distributed.barrier()
 
 
 def _load_state(out_dir: Path, model, opt, fingerprint: str, guard: dict | None = None) -> int:
@@ -175,15 +186,19 @@ def _load_state(out_dir: Path, model, opt, fingerprint: str, guard: dict | None 
     if state.get("fingerprint") != fingerprint:
         # A checkpoint of a run with other parameters: resuming it would silently mix two runs.
         print(f"ignoring {path}: it belongs to a run with other parameters; training from scratch")
-        shutil.rmtree(path)
-        (out_dir / LOG_FILE).unlink(missing_ok=True)
+        if distributed.world()[0] == 0:
+            shutil.rmtree(path)
+            (out_dir / LOG_FILE).unlink(missing_ok=True)
         return 0
     if problem := _architecture_mismatch(state["model"], model):
         # Same parameters, other model: an input changed under the run. Restarting would hide that.
         raise CheckpointError(f"cannot resume from {path}: it holds the weights of a different model ({problem}). "
                               f"Delete {path} to train this model from scratch.")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
+    if "opt_full" in state:
+        distributed.load_full_state(model, opt, state["model"], state["opt_full"])
+    else:  # a checkpoint written before the loop ran across processes
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
     _set_rng_state(state.get("rng"))
     if guard is not None:
         guard.update(state.get("guard") or {})
@@ -201,6 +216,8 @@ def _read_log(out_dir: Path, upto: int) -> list[dict]:
 
 
 def _write_log(out_dir: Path, rows: list[dict]) -> None:
+    if distributed.world()[0] != 0:  # one writer
+        return
     extra = [k for r in rows for k in r if k not in LOG_FIELDS]
     with atomic_path(out_dir / LOG_FILE) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LOG_FIELDS + list(dict.fromkeys(extra)))
@@ -233,6 +250,10 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
     fingerprint = f"{fingerprint}|{config_key(cfg)}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank, size = distributed.world()
+    if size > 1:
+        distributed.shard(model)  # before the optimizer: it must hold the sharded parameters
+        progress = progress and rank == 0
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -261,13 +282,19 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
         for k in range(cfg.accum):
             batch = dict(next_batch(step * cfg.accum + k))
             n_tokens += int(batch.pop("n_tokens")) if "n_tokens" in batch else int(batch["attention_mask"].sum())
+            share = 1.0
+            if size > 1:  # this process's rows, its loss weighted by its share of the batch's loss tokens
+                batch = distributed.local_rows(batch, rank, size)
+                mine = distributed.loss_tokens(batch)
+                share = mine / distributed.all_sum(mine)
             loss, ex = _forward(model, batch, loss_fn)
-            (loss / cfg.accum).backward()
-            loss_sum += loss.item()
+            (loss * (share * size) / cfg.accum).backward()  # FSDP averages gradients over the processes
+            loss_sum += distributed.all_sum(loss.item() * share) if size > 1 else loss.item()
             for key, v in ex.items():
                 extras[key] = extras.get(key, 0.0) + v / cfg.accum
         loss_val = loss_sum / cfg.accum
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gn = (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).item()  # sharded: a DTensor
         if guarded and (why := spike_reason(loss_val, gn, guard["history"], cfg.spike_factor,
                                                  min(_MIN_HISTORY, cfg.spike_window))):
             if guard["rollbacks"] >= cfg.max_rollbacks:
