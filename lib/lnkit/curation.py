@@ -34,7 +34,6 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lnkit.data.chat import THINK_CLOSE, THINK_OPEN, format_response, render_prompt, split_response
@@ -42,7 +41,7 @@ from lnkit.data.splits import decontamination_report
 from lnkit.data.tasks import LETTERS, Item
 from lnkit.generate import generate
 from lnkit.progress import progress_bar
-from lnkit.verify import ANSWER_RE, check, extract_code
+from lnkit.verify import ANSWER_RE, check_many, extract_code
 
 # The paper's Table 2 (SFT samples per category, 33,011,757 in all). The tiny world has no safety data.
 PAPER_TABLE2 = {"math": 22_066_397, "code": 10_108_883, "science": 708_920, "instruction following": 56_339,
@@ -338,25 +337,10 @@ def verify_gold(samples: list[Sample], goldless: tuple[str, ...] = (), workers: 
     """Keep responses whose answer verifies against the gold answer; domains in ``goldless`` pass through
     (they have no gold: :func:`majority_vote` judges them). Code runs in the sandbox, ``workers`` at once."""
     judged = [s for s in samples if s.item.domain not in goldless]
-    verdict = {}
-    todo = {}
-    for s in judged:
-        todo.setdefault((s.item.id, split_response(s.output)[1]), s.item)
-
-    def run(key):
-        return key, check(key[1], todo[key])
-
-    keys = list(todo)
-    code = [k for k in keys if todo[k].verifier == "code"]
-    other = [k for k in keys if todo[k].verifier != "code"]
-    with progress_bar(total=len(keys), desc="verify", disable=not progress) as bar:
-        for key in other:
-            verdict[key] = check(key[1], todo[key])
-            bar.update(1)
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # sandbox runs are subprocesses: threads overlap them
-            for key, ok in pool.map(run, code):
-                verdict[key] = ok
-                bar.update(1)
+    answers = [split_response(s.output)[1] for s in judged]
+    with progress_bar(total=len(judged), desc="verify", disable=not progress) as bar:  # advances per distinct answer
+        ok = check_many(answers, [s.item for s in judged], workers=workers, progress=bar)
+    verdict = {(s.item.id, a): v for s, a, v in zip(judged, answers, ok)}
     kept, removed = [], []
     for s in samples:
         if s.item.domain in goldless or verdict[(s.item.id, split_response(s.output)[1])]:

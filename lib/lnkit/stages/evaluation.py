@@ -255,9 +255,8 @@ def speed_rows(p: Params, folders: dict[str, Path], device: str) -> list[dict]:
     """Measured decode throughput and the roofline's, per model. Models of one architecture (the same
     config) share one measurement, and the rounds go round-robin over architectures, so a drift in the
     machine's speed during the measurement touches them all alike."""
-    arch = {s: text_digest(json.dumps(json.loads((f / "config.json").read_text()).get("block_configs") or
-                                      json.loads((f / "config.json").read_text()), sort_keys=True))
-            for s, f in folders.items()}
+    configs = {s: json.loads((f / "config.json").read_text()) for s, f in folders.items()}
+    arch = {s: text_digest(json.dumps(c.get("block_configs") or c, sort_keys=True)) for s, c in configs.items()}
     first = {}
     for s, a in arch.items():
         first.setdefault(a, s)
@@ -267,9 +266,9 @@ def speed_rows(p: Params, folders: dict[str, Path], device: str) -> list[dict]:
         for a, m in models.items():
             rounds[a] += decode_throughput_rounds(m, p.batch_size, p.prompt_len, p.decode_len, 1)
     out = []
-    for s, f in folders.items():
+    for s in folders:
         r = rounds[arch[s]]
-        est = deploy.estimate(json.loads((f / "config.json").read_text()), p.gpu, batch_size=p.batch_size,
+        est = deploy.estimate(configs[s], p.gpu, batch_size=p.batch_size,
                               prompt_len=p.prompt_len, output_len=p.decode_len)
         out.append({"model": s, "label": label_of(s), "domain": "speed", "mode": "-", "metric": "decode_tok_s",
                     "value": round(statistics.median(r), 1), "n": len(r), "samples": len(r),
