@@ -19,14 +19,17 @@ Format facts (what the released ``config.json`` and safetensors hold, and what t
 
 Deviations: tiny models may give an FFN an explicit ``intermediate_size`` (the 256 rounding would make
 every width of a hidden-128 model 256); released checkpoints never do, and :mod:`lnkit.model.export`
-refuses such configs for vLLM. Released configs' sink-attention / window fields are kept but must be
+refuses such configs for vLLM. :func:`~lnkit.model.export.deci_compatibility` lists them, and a ``head_dim`` other
+than hidden/heads, as fields NVIDIA's own remote code would read differently. Released configs' sink-attention / window fields are kept but must be
 unset: nothing here implements them. Saved configs drop the released ``auto_map`` (remote code this
 package does not ship); ``import lnkit.model`` registers the classes with ``AutoConfig`` and
 ``AutoModelForCausalLM`` instead, so no ``trust_remote_code`` is needed.
 
 Modules: :mod:`~lnkit.model.config` (the config), :mod:`~lnkit.model.modeling` (the model),
-:mod:`~lnkit.model.convert` (``from_llama``), :mod:`~lnkit.model.export` (Megatron block configs and weight names, vLLM
-compatibility).
+:mod:`~lnkit.model.convert` (``from_llama``), :mod:`~lnkit.model.stream_convert` (``convert_llama_folder``: the same
+conversion folder to folder, tensor by tensor, for 70B-size parents), :mod:`~lnkit.model.export` (Megatron block
+configs and weight names, vLLM compatibility, and ``deci_compatibility``: what NVIDIA's own remote code would read
+differently).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lnkit.model.config import NemotronNasConfig
 from lnkit.model.convert import from_llama
 from lnkit.model.export import (
+    DeciCompatibilityError,
     VllmCompatibilityError,
     check_vllm_compatible,
+    deci_compatibility,
     megatron_block_configs,
     megatron_state_dict,
     vllm_compatibility,
@@ -47,12 +52,26 @@ from lnkit.model.modeling import CheckpointMismatchError, NemotronNasForCausalLM
 AutoConfig.register(NemotronNasConfig.model_type, NemotronNasConfig, exist_ok=True)
 AutoModelForCausalLM.register(NemotronNasConfig, NemotronNasForCausalLM, exist_ok=True)
 
+
+def __getattr__(name: str):
+    """``convert_llama_folder`` on first use: imported eagerly, ``python -m lnkit.model.stream_convert`` would find
+    its module already loaded and warn that it runs twice."""
+    if name == "convert_llama_folder":
+        from lnkit.model.stream_convert import convert_llama_folder
+
+        return convert_llama_folder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointMismatchError",
+    "DeciCompatibilityError",
     "NemotronNasConfig",
     "NemotronNasForCausalLM",
     "VllmCompatibilityError",
     "check_vllm_compatible",
+    "convert_llama_folder",
+    "deci_compatibility",
     "from_llama",
     "megatron_block_configs",
     "megatron_state_dict",

@@ -8,7 +8,10 @@ so the conversion is a config translation and a strict ``load_state_dict``.
 The FFN width is written as ``ffn_mult`` when the released rule reproduces it (Llama-3 8B/70B: 5.25), else
 as ``ffn_mult`` plus an explicit ``intermediate_size`` (tiny models; see :mod:`lnkit.blocks`). ``head_dim``
 overrides, tied embeddings, ``attention_bias``/``mlp_bias`` and any RoPE scaling carry over. The model is
-built at full size first (random init, then overwritten): fine for the models this runs on, wasteful for 70B.
+built at full size first (random init, then overwritten): fine for the models this runs on, but a 70B parent
+would hold its weights twice. For a parent on disk use :func:`lnkit.model.stream_convert.convert_llama_folder`
+(``python -m lnkit.model.stream_convert SRC DST``): the same config and tensors, folder to folder, one output
+shard in memory at a time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where a ``nemotron-nas`` model goes next: Megatron-core for training, vLLM for serving.
+"""Where a ``nemotron-nas`` model goes next: Megatron-core for training, vLLM for serving, NVIDIA's own code.
 
 **Megatron-core** (``megatron/core/transformer/heterogeneous/heterogeneous_config.py``,
 ``HeterogeneousTransformerConfig``) reads a JSON with a ``block_configs`` list, given as
@@ -41,6 +41,15 @@ same tensors as this format.
 vLLM reads the config through transformers: a folder saved by lnkit carries its own code and an ``auto_map``
 (:mod:`lnkit.model.standalone`), so a serving process reads it with ``trust_remote_code=True``, or after
 ``import lnkit.model`` (which registers ``nemotron-nas``) without it.
+
+**NVIDIA's remote code** (``modeling_decilm.py`` shipped with the released checkpoints, ``DeciLMForCausalLM``),
+read for :func:`deci_compatibility`: ``DeciLMAttention`` sets ``head_dim = hidden_size // num_attention_heads``
+(raising unless it divides exactly) and never reads a ``head_dim`` key; ``DeciLMMLP`` takes its width from
+``_ffn_mult_to_intermediate_size(ffn_mult, hidden_size)`` (:func:`lnkit.blocks.ffn_width`) and never reads an
+explicit ``intermediate_size``. lnkit honours both (tiny models need them), so such a config means one thing here
+and another there (a shape error when NVIDIA's code loads the weights). Linear and no-op blocks it builds as
+lnkit does. :func:`lnkit.model.stream_convert.convert_llama_folder` refuses such a source
+unless told ``allow_lnkit_only=True``; Llama-3 8B/70B/405B shapes have neither.
 """
 
 from __future__ import annotations
@@ -53,6 +62,11 @@ from lnkit.model.config import unsupported_extras
 
 class VllmCompatibilityError(ValueError):
     """vLLM's ``DeciLMForCausalLM`` cannot serve this config; the message lists every reason."""
+
+
+class DeciCompatibilityError(ValueError):
+    """NVIDIA's ``DeciLMForCausalLM`` code would read this config differently; the message lists every field
+    (:func:`deci_compatibility`)."""
 
 
 def _config(config_or_model):
@@ -124,7 +138,8 @@ def megatron_state_dict(model) -> dict:
 def vllm_compatibility(config, tensor_parallel_size: int = 1) -> list[str]:
     """Every reason vLLM's ``DeciLMForCausalLM`` could not serve ``config`` (a config or a model); [] if none.
 
-    See the module docstring for what vLLM's implementation does and where each rule comes from.
+    See the module docstring for what vLLM's implementation does and where each rule comes from, and
+    :func:`deci_compatibility` for the fields NVIDIA's own remote code reads differently.
     """
     c = _config(config)
     tp = tensor_parallel_size
@@ -172,3 +187,43 @@ def check_vllm_compatible(config, tensor_parallel_size: int = 1) -> None:
     if problems := vllm_compatibility(config, tensor_parallel_size):
         raise VllmCompatibilityError(f"vLLM cannot serve this nemotron-nas config ({len(problems)} problem"
                                      f"{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(problems))
+
+
+def deci_compatibility(config) -> list[str]:
+    """Every field NVIDIA's own ``DeciLMForCausalLM`` code (the released checkpoints' ``modeling_decilm.py``)
+    reads differently from lnkit, one message per field (per block for the FFN widths) naming both readings;
+    [] if none. ``config`` is a ``NemotronNasConfig`` or a model. See the module docstring.
+
+    >>> from lnkit.model.config import NemotronNasConfig
+    >>> parent = {"attention": {"n_heads_in_group": 1}, "ffn": {"ffn_mult": 3.0, "intermediate_size": 128}}
+    >>> c = NemotronNasConfig(vocab_size=10, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+    ...                       head_dim=32, block_configs=[parent])
+    >>> for m in deci_compatibility(c): print(m)
+    head_dim=32: lnkit gives the 1 attention layer(s) heads of 32; NVIDIA's DeciLM code ignores head_dim and uses hidden_size // num_attention_heads = 16
+    block_configs[0].ffn.intermediate_size=128: lnkit builds the FFN 128 wide; NVIDIA's DeciLM code ignores intermediate_size and builds 256 from ffn_mult=3.0 (lnkit.blocks.ffn_width)
+    >>> llama_70b = {"attention": {"n_heads_in_group": 8}, "ffn": {"ffn_mult": 5.25}}
+    >>> deci_compatibility(NemotronNasConfig(vocab_size=10, hidden_size=8192, num_hidden_layers=1,
+    ...                                      num_attention_heads=64, block_configs=[llama_70b]))
+    []
+    """
+    c = _config(config)
+    problems = []
+    heads, h = c.num_attention_heads, c.hidden_size
+    n_attn = len(c.attention_layers())
+    if n_attn and (h % heads or c.head_size != h // heads):
+        nvidia = (f"uses hidden_size // num_attention_heads = {h // heads}" if not h % heads else
+                  f"raises: hidden_size={h} is not divisible by num_attention_heads={heads}")
+        field = f"head_dim={c.head_dim}" if c.head_dim else f"hidden_size={h}, num_attention_heads={heads}"
+        problems.append(f"{field}: lnkit gives the {n_attn} attention layer(s) heads of {c.head_size}; "
+                        f"NVIDIA's DeciLM code ignores head_dim and {nvidia}")
+    for i, b in enumerate(c.block_configs):
+        f = b.ffn
+        if f.kind == "ffn" and f.intermediate_size is not None:
+            rule = ffn_width(f.ffn_mult, h) if f.ffn_mult is not None else None
+            if rule != f.intermediate_size:
+                nvidia = (f"builds {rule} from ffn_mult={f.ffn_mult} (lnkit.blocks.ffn_width)" if rule is not None
+                          else "computes the width from ffn_mult=None and fails")
+                problems.append(f"block_configs[{i}].ffn.intermediate_size={f.intermediate_size}: lnkit builds the "
+                                f"FFN {f.intermediate_size} wide; NVIDIA's DeciLM code ignores intermediate_size and "
+                                + nvidia)
+    return problems
