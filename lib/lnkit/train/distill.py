@@ -13,6 +13,13 @@ Positions: ``"all"`` averages over every real token (padding of packed rows excl
 over the positions whose next token is a label (assistant answers and documents; prompts excluded).
 Each function is pure; :func:`make_loss_fn` wraps them into the ``loss_fn(model, batch)`` the shared
 training loop takes.
+
+Across processes (``torchrun``, :mod:`lnkit.train.distributed`) the student is sharded by the loop and the
+teacher is replicated: every process holds all of it and runs it, without gradients, on its own rows, with
+no communication. The loss function's ``loss_tokens`` tells the loop how many positions each process's
+loss averages over, so that the processes' losses weigh what they weigh in one process. The logged
+columns are weighted the same way: exact for ``kl`` and ``cosine``, while ``lm`` on KD batches with
+``kd_positions="all"`` is then close to, not equal to, one process's (its positions are the labels).
 """
 
 from __future__ import annotations
@@ -95,7 +102,8 @@ def make_loss_fn(teacher=None, *, mode: str = "kd", temperature: float = 1.0, kd
     ``mode="kd"``: ``kl_weight * KL + cosine_weight * cosine + lm_weight * LM`` against ``teacher``
     (run without gradients). ``mode="cpt"``: the LM loss alone; ``teacher`` is not used. ``mode="kd_cpt"``:
     as ``kd``, except on batches with ``distill`` false, which get the LM loss alone (no teacher forward).
-    The LM loss is logged in every mode (it is cheap once the logits exist).
+    The LM loss is logged in every mode (it is cheap once the logits exist). ``loss_fn.loss_tokens(batch)``
+    counts the positions the loss averages over (the training loop weighs processes by it).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
@@ -127,4 +135,14 @@ def make_loss_fn(teacher=None, *, mode: str = "kd", temperature: float = 1.0, kd
             loss = loss + lm_weight * lm
         return {"loss": loss, **logged}
 
+    def loss_tokens(batch: dict) -> int:
+        if mode == "cpt" or not bool(batch.get("distill", True)):
+            return int((batch["labels"][:, 1:] != IGNORE).sum())
+        if lm_weight > 0 and kd_positions == "all":
+            raise ValueError(f"lm_weight={lm_weight} with kd_positions='all' adds means over different positions "
+                             "(KD: every real token; LM: the labels), which one count per process cannot weigh "
+                             "across processes; set kd_positions='labels' or lm_weight=0, or train in one process")
+        return int(position_mask(batch, kd_positions, pad_id).sum())
+
+    loss_fn.loss_tokens = loss_tokens
     return loss_fn

@@ -3,15 +3,36 @@
 When :func:`lnkit.train.loop.train_loop` runs in a process group of more than one process (``torchrun
 --nproc_per_node N``; gloo on CPU, NCCL on GPUs), each decoder layer and then the whole model are sharded
 with ``fully_shard``; every process builds the same global batch and keeps its rows ``rank::world``; each
-process's loss is weighted by its share of the batch's loss tokens, so the averaged gradient is the
-gradient of the global batch's token mean, the same as one process computes. Checkpoints hold the full
-(unsharded) state through ``torch.distributed.checkpoint.state_dict``, written by rank 0: a run saved with
-N processes resumes with M.
+process's loss is weighted by its share of the batch's loss tokens (the positions its loss averages over:
+:func:`loss_tokens`, or the loss function's own ``loss_tokens``), so the averaged gradient is the gradient
+of the global batch's token mean, the same as one process computes.
+
+Checkpoints. One process writes the full state in one file (``state.pt``), as it always has. More than
+one process write a sharded ``torch.distributed.checkpoint`` (DCP) folder, each process its own shards,
+no process ever holding the full state (at 70B it fits none), plus the loop's small state (step, random
+state, guard) in ``state.pt`` by rank 0. The folder is built under a temporary name and swapped in by rank
+0 once every process has written its part (:func:`shared_atomic_dir`), so a crash mid-save leaves the
+previous checkpoint in place. Either format loads under any number of processes: DCP reshards on load
+(and loads without a process group); a full state is read whole by every process and ``set_state_dict``
+keeps each one's shard (it comes from a run that fitted one process). A run saved with N processes resumes
+with M. Rank 0 alone checksums the folder (the manifest of :mod:`lnkit.io`) when it writes it and when
+it is loaded; at 70B that is a pass over every shard on one process, the price of a verified checkpoint.
+
+Distillation (:mod:`lnkit.train.distill`) replicates the frozen teacher: each process runs all of it on
+its own rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from pathlib import Path
+
 import torch
+
+from lnkit.io import atomic_dir
+
+SHARDS = "dcp"  # the DCP subfolder of a sharded checkpoint
 
 
 def world() -> tuple[int, int]:
@@ -62,6 +83,15 @@ def barrier() -> None:
     dist.barrier()
 
 
+def from_rank0(value):
+    """Rank 0's ``value`` (any picklable object), in every process."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def full_state(model, opt) -> tuple[dict, dict]:
     """The model's and the optimizer's full state (parameter names as keys), on the CPU, in every process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -76,3 +106,52 @@ def load_full_state(model, opt, model_state: dict, opt_state: dict) -> None:
 
     set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state,
                    options=StateDictOptions(full_state_dict=True))
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(path: Path):
+    """:func:`lnkit.io.atomic_dir` for a folder every process writes into: rank 0 makes the temporary
+    folder and tells the others its name; once all have written their part it writes the manifest and
+    swaps the folder in; every process returns after the swap. A crash before the swap leaves ``path`` as
+    it was (and the temporary folder, which :func:`lnkit.io.clean_partial` removes)."""
+    if world()[0] != 0:
+        yield Path(from_rank0(None))
+        barrier()  # every process has written its part
+        barrier()  # rank 0 has swapped the folder in
+        return
+    with atomic_dir(path) as tmp:
+        from_rank0(str(tmp))
+        yield tmp
+        barrier()
+    barrier()
+
+
+def save_sharded(model, opt, folder: Path) -> None:
+    """Every process writes its shards of the model's and the optimizer's state to ``folder`` (DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, opt_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": opt_state}, checkpoint_id=folder)
+
+
+def load_sharded(model, opt, folder: Path) -> None:
+    """Load a DCP checkpoint (:func:`save_sharded`, any number of processes) into a sharded or plain model
+    and its optimizer; each process reads only what its shards need. Works without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, opt_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": opt_state}
+    with warnings.catch_warnings():  # without a process group DCP loads in this process, and says so: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def sharded_shapes(folder: Path) -> dict[str, tuple]:
+    """The model tensors' (global) shapes in a DCP checkpoint, read from its metadata alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(folder).read_metadata().state_dict_metadata
+    return {k.removeprefix("model."): tuple(m.size) for k, m in meta.items() if k.startswith("model.")}

@@ -7,8 +7,10 @@ history) is checkpointed atomically every ``ckpt_every`` steps and batches are a
 index (micro-batch ``k`` of step ``s`` is ``next_batch(s * accum + k)``), so a run killed at any point and
 started again continues from its last checkpoint and ends with the same weights as an unbroken run.
 Under ``torchrun`` with more than one process the model is sharded with FSDP2 and each process trains on
-its rows of the same global batch (:mod:`lnkit.train.distributed`): the losses are those of one process,
-and the checkpoint holds the full state, so a run saved with N processes resumes with M.
+its rows of the same global batch (:mod:`lnkit.train.distributed`): the losses are those of one process.
+One process checkpoints the full state in one file; more than one write sharded DCP checkpoints (no
+process ever holds the full state). Both formats, and the one of checkpoints written before the loop ran
+across processes, load under any number of processes: a run saved with N processes resumes with M.
 
 The guard (``spike_factor > 0``) reproduces what the paper did by hand when LN-Ultra's training blew up
 (Section 4.2: restarts after gradient explosions): a step whose loss or gradient norm is not finite, or
@@ -146,9 +148,9 @@ def _shapes(state_dict: dict) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-def _architecture_mismatch(saved: dict, model) -> str:
-    """'' if the saved tensors fit ``model``, else the first difference in words."""
-    have, want = _shapes(saved), _shapes(model.state_dict())
+def _architecture_mismatch(have: dict[str, tuple], model) -> str:
+    """'' if tensors of the shapes ``have`` (name: shape) fit ``model``, else the first difference in words."""
+    want = _shapes(model.state_dict())  # global shapes, sharded or not
     for k in sorted(set(have) | set(want)):
         if k not in want:
             return f"the checkpoint has tensor {k}, which the model lacks"
@@ -159,46 +161,79 @@ def _architecture_mismatch(saved: dict, model) -> str:
     return ""
 
 
+def _named_opt_state(model, opt, indexed: dict) -> dict:
+    """An optimizer state keyed by parameter index (``opt.state_dict()``, as checkpoints written before the
+    loop ran across processes hold it) keyed by parameter name, as ``set_state_dict`` takes it."""
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for g in opt.param_groups for p in g["params"]]
+    return {"state": {order[i]: s for i, s in indexed["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in indexed["param_groups"]]}
+
+
 def _save_state(out_dir: Path, model, opt, step: int, fingerprint: str, guard: dict | None = None) -> None:
-    """The full (unsharded) state, parameter names as keys, so any number of processes resumes it; written
-    by rank 0 (every process takes part in gathering it)."""
-    model_state, opt_state = distributed.full_state(model, opt)
+    """Checkpoint the loop into ``out_dir/train_state``, swapped in whole. One process: the full state in
+    ``state.pt``, parameter names as keys. More: each process writes its DCP shards and rank 0 the loop's
+    own state (step, random state, guard) in ``state.pt`` (:mod:`lnkit.train.distributed`)."""
+    loop_state = {"step": step, "fingerprint": fingerprint, "rng": _rng_state(), "guard": guard or {}}
     rank, size = distributed.world()
-    if rank == 0:
+    if size == 1:
+        model_state, opt_state = distributed.full_state(model, opt)
         with atomic_dir(out_dir / STATE_DIR) as tmp:
-            torch.save({"model": model_state, "opt_full": opt_state, "step": step, "fingerprint": fingerprint,
-                        "rng": _rng_state(), "guard": guard or {}}, tmp / "state.pt")
+            torch.save({"model": model_state, "opt_full": opt_state, **loop_state}, tmp / "state.pt")
+        return
+    with distributed.shared_atomic_dir(out_dir / STATE_DIR) as tmp:
+        distributed.save_sharded(model, opt, tmp / distributed.SHARDS)
+        if rank == 0:
+            torch.save({**loop_state, "sharded": distributed.SHARDS}, tmp / "state.pt")
+
+
+def _verify(path: Path) -> None:
+    """:func:`~lnkit.io.verify_checkpoint` on rank 0 (every file read once, however many processes); its
+    error is raised in every process."""
+    rank, size = distributed.world()
+    problem = ""
+    if rank == 0:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            problem = str(e)
     if size > 1:
-        distributed.barrier()
+        problem = distributed.from_rank0(problem)
+    if problem:
+        raise CheckpointError(f"cannot resume: {problem}. Delete {path} to restart this stage from scratch.")
 
 
 def _load_state(out_dir: Path, model, opt, fingerprint: str, guard: dict | None = None) -> int:
     """Restore the checkpoint in ``out_dir`` (weights, optimizer, random state and, into ``guard``, the
-    guard's state); return its step, or 0 when there is none or it belongs to other parameters."""
+    guard's state); return its step, or 0 when there is none or it belongs to other parameters. Any of the
+    three formats loads under any number of processes: sharded (DCP), full, and full with an optimizer state
+    keyed by index (written before the loop ran across processes)."""
     path = out_dir / STATE_DIR
     if not path.exists():
         return 0
-    try:
-        verify_checkpoint(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot resume: {e}. Delete {path} to restart this stage from scratch.") from None
+    _verify(path)
+    rank, size = distributed.world()
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint:
         # A checkpoint of a run with other parameters: resuming it would silently mix two runs.
         print(f"ignoring {path}: it belongs to a run with other parameters; training from scratch")
-        if distributed.world()[0] == 0:
+        if size > 1:
+            distributed.barrier()  # every process has read it
+        if rank == 0:
             shutil.rmtree(path)
             (out_dir / LOG_FILE).unlink(missing_ok=True)
         return 0
-    if problem := _architecture_mismatch(state["model"], model):
+    sharded = state.get("sharded")
+    shapes = distributed.sharded_shapes(path / sharded) if sharded else _shapes(state["model"])
+    if problem := _architecture_mismatch(shapes, model):
         # Same parameters, other model: an input changed under the run. Restarting would hide that.
         raise CheckpointError(f"cannot resume from {path}: it holds the weights of a different model ({problem}). "
                               f"Delete {path} to train this model from scratch.")
-    if "opt_full" in state:
-        distributed.load_full_state(model, opt, state["model"], state["opt_full"])
-    else:  # a checkpoint written before the loop ran across processes
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+    if sharded:
+        distributed.load_sharded(model, opt, path / sharded)
+    else:
+        opt_state = state["opt_full"] if "opt_full" in state else _named_opt_state(model, opt, state["opt"])
+        distributed.load_full_state(model, opt, state["model"], opt_state)
     _set_rng_state(state.get("rng"))
     if guard is not None:
         guard.update(state.get("guard") or {})
@@ -245,6 +280,9 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
     is a dict of model inputs, optionally with ``n_tokens`` (else the attention mask's sum is logged).
     ``loss_fn(model, batch)`` replaces ``model(**batch).loss``; it may return a scalar tensor or a dict
     ``{"loss": tensor, **floats}`` whose other entries are logged as extra columns (mean over micro-batches).
+    Across processes each process's loss is weighted by its share of the positions the loss averages over:
+    ``loss_fn.loss_tokens(batch)`` counts them if ``loss_fn`` has it, else the causal-LM label count
+    (:func:`lnkit.train.distributed.loss_tokens`); a loss that is not a mean over positions needs its own.
     Returns the per-step log (also written to ``out_dir/train_log.csv``).
     """
     fingerprint = f"{fingerprint}|{config_key(cfg)}"
@@ -285,12 +323,13 @@ def train_loop(model, next_batch: Callable[[int], dict], cfg: LoopConfig, out_di
             share = 1.0
             if size > 1:  # this process's rows, its loss weighted by its share of the batch's loss tokens
                 batch = distributed.local_rows(batch, rank, size)
-                mine = distributed.loss_tokens(batch)
+                mine = (getattr(loss_fn, "loss_tokens", None) or distributed.loss_tokens)(batch)
                 share = mine / distributed.all_sum(mine)
             loss, ex = _forward(model, batch, loss_fn)
             (loss * (share * size) / cfg.accum).backward()  # FSDP averages gradients over the processes
             loss_sum += distributed.all_sum(loss.item() * share) if size > 1 else loss.item()
-            for key, v in ex.items():
+            for key, v in ex.items():  # weighted like the loss: exact for terms over the loss's positions
+                v = distributed.all_sum(v * share) if size > 1 else v
                 extras[key] = extras.get(key, 0.0) + v / cfg.accum
         loss_val = loss_sum / cfg.accum
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
