@@ -422,7 +422,6 @@ def _megatron_config(cfg: NemotronNasConfig):
 
 
 def test_megatron_core_accepts_the_block_configs():
-    pytest.importorskip("megatron.core")
     cfg = hetero_config()
     mc = _megatron_config(cfg)
     per = mc.per_block_parameters
@@ -434,8 +433,8 @@ def test_megatron_core_accepts_the_block_configs():
 
 
 def test_megatron_core_gpt_matches_our_logits(monkeypatch):
-    """Megatron's heterogeneous GPT, built on CPU from our block configs and loaded with our weights."""
-    pytest.importorskip("megatron.core")
+    """Megatron's heterogeneous GPT, built on CPU from our block configs and loaded with our weights (megatron-core
+    is in the dev extra, so this runs wherever the tests do)."""
     import contextlib
     import socket
 
