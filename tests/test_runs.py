@@ -63,6 +63,13 @@ def test_bad_parameters_name_stage_field_and_allowed_values(tmp_path, stage_para
     ({**BASE, "sweep": {"grid": {"seed": [1]}, "list": []}}, "sweep: expected exactly one of ['grid', 'list']"),
     ({**BASE, "sweep": {"list": [{"seed": 1}, {"seed": 1}]}}, "two points are the same"),
     ({**BASE, "sweep": {"grid": {"07_grpo.lr": [0.1]}}}, "names stage 07_grpo, which is not in the run's stages"),
+    ({**BASE, "slurm": {"gpus": 8}}, "slurm: unknown resource 'gpus'; known: partition"),
+    ({**BASE, "slurm": {"gpus_per_node": 0}}, "slurm.gpus_per_node=0: expected a positive int"),
+    ({**BASE, "slurm": {"timeout_min": "4h"}}, "slurm.timeout_min='4h': expected a positive int"),
+    ({**BASE, "slurm": {"partition": ""}}, "slurm.partition='': expected a non-empty string"),
+    ({**BASE, "slurm": {"stages": {"07_grpo": {"nodes": 2}}}}, "slurm.stages: '07_grpo' is not a stage of this run"),
+    ({**BASE, "slurm": {"stages": {"00_parent": {"nodes": True}}}}, "slurm.stages.00_parent.nodes=True: expected a positive int"),
+    ({**BASE, "slurm": [1]}, "slurm: expected a mapping of resource -> value"),
 ])
 def test_bad_run_files(tmp_path, spec, message):
     with pytest.raises(RunError, match=None) as e:
@@ -273,3 +280,33 @@ def test_the_real_scale_templates_are_valid_once_their_paths_exist(tmp_path, nam
         assert g.prompts_per_batch * g.group_size == 576 and g.num_iterations == 2 and g.fp8_rollouts
         kd = params["04_distillation"]
         assert kd.tokens * (1 - kd.cpt_fraction) == pytest.approx(65e9, rel=0.01)
+
+
+def test_slurm_submits_what_the_local_runner_would_run(tmp_path):
+    """Which stages ``--launcher slurm`` submits: none when all are complete; from the first incomplete (or
+    stale) stage on, since every stage after a rerun one reruns too; all with --force. The real Slurm runs
+    are in tests/test_slurm.py."""
+    import json
+    import os
+
+    from lnkit.runs import pending
+    from lnkit.stage import MARKER
+
+    spec = {**BASE, "run_dir": str(tmp_path / "run"),
+            "stages": {"00_parent": {}, "01_block_library": {}, "02_architecture_search": {}}}
+    head, params = load_run(write(tmp_path, spec))
+    names = list(params)
+    assert pending(head, params, names, force=False) == names
+    for i, name in enumerate(names):  # mark each complete with its parameters, in order
+        d = tmp_path / "run" / name
+        d.mkdir(parents=True)
+        (d / MARKER).write_text(json.dumps({"digest": params[name].digest()}))
+        os.utime(d / MARKER, (100 + i, 100 + i))
+    log = []
+    assert pending(head, params, names, force=False, log=log.append) == [] and len(log) == 3
+    assert pending(head, params, names, force=True) == names
+    (tmp_path / "run" / "01_block_library" / MARKER).unlink()
+    assert pending(head, params, names, force=False) == names[1:]
+    (tmp_path / "run" / "01_block_library" / MARKER).write_text(
+        json.dumps({"digest": params["01_block_library"].digest()}))  # completed after stage 02
+    assert pending(head, params, names, force=False) == names[2:]

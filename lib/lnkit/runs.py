@@ -25,6 +25,9 @@ A run file with a ``sweep:`` section (a grid or a list over any stage's paramete
 each point as a run of its own in ``<run_dir>/<point>/`` and collates their metrics into one table and
 figure (:mod:`lnkit.runsweep`).
 
+``--launcher slurm`` submits the same stages as Slurm jobs through submitit, one per stage, chained, with
+resources from the run file's ``slurm:`` section (:mod:`lnkit.runslurm`); ``--wait`` waits for them.
+
 In a notebook, :func:`notebook_params` reads the same run file from the one parameter ``run``.
 """
 
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from lnkit import runsweep, runview
+from lnkit import runslurm, runsweep, runview
 from lnkit.checkpoints import StageNotComplete
 from lnkit.io import atomic_write_text
 from lnkit.params import ParamError, StageParams
@@ -55,7 +58,7 @@ RUN_COPY = "run.yaml"  # the resolved run file, kept in the run folder
 COPY_HEADER = "# Written by python -m lnkit.runs from "  # its first line names the run file it came from
 # Stage name -> its module (lnkit.stages.*). The notebook is notebooks/<stage>.ipynb. Order is run order.
 STAGES = {m.NAME: m for m in PIPELINE}
-RUN_KEYS = {"run", "run_dir", "shared", "stages", "sweep"}
+RUN_KEYS = {"run", "run_dir", "shared", "stages", "sweep", "slurm"}
 
 
 class RunError(RuntimeError):
@@ -118,6 +121,10 @@ def read_spec(path: str | Path) -> dict:
         if not isinstance(spec["stages"][stage] or {}, dict):
             raise RunError(f"run file {path}: parameters of stage {stage} must be a mapping")
         _check_names(spec["stages"][stage] or {}, f"run file {path}: stage {stage}")
+    try:
+        runslurm.resources(spec.get("slurm"), list(spec["stages"]), f"run file {path}: slurm")
+    except runslurm.SlurmSpecError as e:
+        raise RunError(str(e)) from None
     return spec
 
 
@@ -170,17 +177,31 @@ def load_run(path: str | Path) -> tuple[dict, dict[str, StageParams]]:
     if unused:
         raise RunError(f"run file {path}: shared parameter(s) {sorted(unused)} belong to no stage in this run")
     run_dir = Path(_resolve(str(spec["run_dir"]), base))
-    return {"run": str(spec["run"]), "run_dir": run_dir, "path": path}, params
+    head = {"run": str(spec["run"]), "run_dir": run_dir, "path": path}
+    if spec.get("slurm"):
+        head["slurm"] = spec["slurm"]
+    return head, params
 
 
 def keep_run_file(head: dict, params: dict[str, StageParams]) -> Path:
     """Write the run, resolved (absolute paths, every stage's full parameters), to ``<run_dir>/run.yaml``."""
     spec = {"run": head["run"], "run_dir": str(head["run_dir"]),
             "stages": {name: {k: v for k, v in p.to_dict().items() if k != "run_dir"} for name, p in params.items()}}
+    if "slurm" in head:
+        spec["slurm"] = head["slurm"]
     out = Path(head["run_dir"]) / RUN_COPY
-    atomic_write_text(out, f"{COPY_HEADER}{Path(head['path']).resolve()}, resolved.\n"
+    atomic_write_text(out, f"{COPY_HEADER}{source_file(Path(head['path']))}, resolved.\n"
                       + yaml.safe_dump(spec, sort_keys=False))
     return out
+
+
+def source_file(run_file: Path) -> Path:
+    """The run file a run came from: itself, or the one a kept ``run.yaml`` names on its first line (a Slurm
+    job runs the kept copy)."""
+    first = run_file.read_text().split("\n", 1)[0] if run_file.is_file() else ""
+    if first.startswith(COPY_HEADER):
+        return Path(first[len(COPY_HEADER):].rsplit(", resolved.", 1)[0])
+    return run_file.resolve()
 
 
 def find_run_file(run: str | Path, cwd: Path | None = None) -> Path:
@@ -201,9 +222,7 @@ def find_run_file(run: str | Path, cwd: Path | None = None) -> Path:
 
 def _command(run_file: Path, stage: str) -> str:
     """The command that runs the run up to ``stage`` (a kept ``run.yaml`` names the run file it came from)."""
-    first = run_file.read_text().split("\n", 1)[0]
-    if first.startswith(COPY_HEADER):
-        run_file = Path(first[len(COPY_HEADER):].rsplit(", resolved.", 1)[0])
+    run_file = source_file(run_file)
     shown = run_file.relative_to(REPO) if run_file.is_relative_to(REPO) else run_file
     return f"python -m lnkit.runs {shown} --until {stage}"
 
@@ -295,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", metavar="STAGE", help="run only this stage")
     ap.add_argument("--force", action="store_true",
                     help="rerun stages from scratch (their folders cleared) even if complete with these parameters")
+    ap.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                    help="local: run the notebooks here, one after the other (default); slurm: submit one job per "
+                         "stage through submitit, chained, resources from the run file's slurm: section")
+    ap.add_argument("--wait", action="store_true", help="with --launcher slurm: wait for the jobs and report them")
     a = ap.parse_args(argv)
     names: list[str] = []
     try:
@@ -311,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             names = names[names.index(a.start) if a.start else 0: names.index(a.until) + 1 if a.until else None]
             if not names:
                 raise RunError(f"--from {a.start} comes after --until {a.until}: no stage to run")
+        if a.launcher == "slurm":
+            return submit_run(head, params, names, a)
         print(f"run {head['run']}: artifacts in {head['run_dir']}, stages {', '.join(names)}")
         keep_run_file(head, params)
         order = list(params)
@@ -344,6 +369,88 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def pending(head: dict, params: dict[str, StageParams], names: list[str], force: bool, log=print) -> list[str]:
+    """The stages of ``names`` the local runner would run now: all with ``force``; else from the first one
+    that is incomplete or stale on (a stage after a rerun one is stale once it reruns)."""
+    order = list(params)
+    for i, name in enumerate(names):
+        if force or not is_complete(params[name]) or stale_because(head["run_dir"], order[: order.index(name)], name):
+            return names[i:]
+        log(f"[{name}] complete with these parameters; not submitted (--force reruns it)")
+    return []
+
+
+def _chain(head: dict, params: dict[str, StageParams], names: list[str], force: bool) -> runslurm.Chain:
+    try:
+        res = runslurm.resources(head.get("slurm"), list(params))
+        runslurm.check_not_queued(head["run_dir"])
+    except runslurm.SlurmSpecError as e:
+        raise RunError(str(e)) from None
+    todo = pending(head, params, names, force)
+    keep_run_file(head, params)
+    return runslurm.Chain(head["run"], Path(head["run_dir"]), Path(head["run_dir"]) / RUN_COPY, todo,
+                          {s: res[s] for s in todo})
+
+
+def stage_job(run_file: str, stage: str, force: bool) -> str:
+    """What one Slurm job runs: one stage of a run, as ``python -m lnkit.runs <run.yaml> --only <stage>``."""
+    rc = main([run_file, "--only", stage, *(["--force"] if force else [])])
+    if rc:
+        raise RunError(f"stage {stage} of {run_file} failed (exit code {rc}); its error is printed above")
+    return stage
+
+
+def _report(chains: list[runslurm.Chain], a, collate_job=None) -> int:
+    jobs = [j for c in chains for j in c.jobs]
+    for c in chains:
+        for stage, job in zip(c.stages, c.jobs):
+            res = ", ".join(f"{k}={v}" for k, v in c.resources[stage].items())
+            print(f"[slurm] {c.run}:{stage}: job {job.job_id} ({res}); log {job.paths.stdout}")
+    if not a.wait or not jobs:
+        return 0
+    labels = [f"{c.run}:{s}" for c in chains for s in c.stages]
+    if collate_job is not None:
+        jobs, labels = jobs + [collate_job], labels + ["collate"]
+    states = runslurm.wait(jobs, labels)
+    failed = [k for k, v in states.items() if v != "COMPLETED"]
+    if failed:
+        print(f"error: Slurm jobs did not complete: {', '.join(f'{k} ({states[k]})' for k in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def submit_run(head: dict, params: dict[str, StageParams], names: list[str], a) -> int:
+    """``--launcher slurm``: one job per stage still to run, chained (``afterok``); ``--wait`` waits."""
+    chain = _chain(head, params, names, a.force)
+    if not chain.stages:
+        print(f"run {head['run']}: nothing to submit, every stage is complete")
+        return 0
+    print(f"run {head['run']}: submitting {', '.join(chain.stages)} to Slurm; artifacts in {head['run_dir']}")
+    _submitted(lambda: runslurm.submit([chain], stage_job, a.force))
+    return _report([chain], a)
+
+
+def _submitted(submit):
+    """Run ``submit()``; a scheduler that refuses a job (or is not there) becomes a RunError saying so."""
+    try:
+        return submit()
+    except Exception as e:  # submitit raises its own errors and CalledProcessError for sbatch
+        if isinstance(e, RunError):
+            raise
+        raise RunError(f"Slurm refused the submission: {type(e).__name__}: {str(e).strip()[-800:]} "
+                       "(is SLURM_CONF set and sbatch on PATH? the run file's slurm: section asks for the resources)") from None
+
+
+def collate_sweep(path: str, spec: dict, run_dir: str) -> str:
+    """A sweep's table and figure from whatever its points completed (also the last job of a Slurm sweep)."""
+    pts = runsweep.points(spec["sweep"])
+    stages = [s for s in STAGES if s in spec["stages"]]
+    rows = runsweep.collate(Path(run_dir), pts, stages)
+    last = [k for k in rows[0] if k.startswith(stages[-1] + ".")] if rows else []
+    runsweep.figure(rows, last, Path(run_dir) / "sweep.png")
+    return str(Path(run_dir) / "sweep.csv")
+
+
 def run_sweep(path: Path, spec: dict, a) -> int:
     """Every point of the run file's ``sweep:`` as a run of its own, then one table and figure
     (:mod:`lnkit.runsweep`). Each point's run file is validated before any point runs."""
@@ -361,6 +468,8 @@ def run_sweep(path: Path, spec: dict, a) -> int:
         atomic_write_text(f, yaml.safe_dump(runsweep.point_spec(spec, pt, resolved), sort_keys=False))
         load_run(f)  # a bad value at any point stops the sweep before anything runs
         files.append(f)
+    if a.launcher == "slurm":
+        return submit_sweep(path, spec, run_dir, pts, files, a)
     flags = [x for flag, v in (("--from", a.start), ("--until", a.until), ("--only", a.only)) if v for x in (flag, v)]
     flags += ["--force"] if a.force else []
     failed = []
@@ -371,16 +480,38 @@ def run_sweep(path: Path, spec: dict, a) -> int:
             return rc
         if rc:
             failed.append(runsweep.point_name(pt))
-    stages = [s for s in STAGES if s in spec["stages"]]
-    rows = runsweep.collate(run_dir, pts, stages)
-    last = [k for k in rows[0] if k.startswith(stages[-1] + ".")] if rows else []
-    runsweep.figure(rows, last, run_dir / "sweep.png")
+    collate_sweep(str(path), spec, str(run_dir))
     print(f"sweep {spec['run']}: {len(pts) - len(failed)} of {len(pts)} points done; table {run_dir / 'sweep.csv'}, "
           f"figure {run_dir / 'sweep.png'}")
     if failed:
         print(f"error: sweep points failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def submit_sweep(path: Path, spec: dict, run_dir: Path, pts: list[dict], files: list[Path], a) -> int:
+    """Every point of a sweep as a chain of Slurm jobs, side by side, and one job after all of them
+    (``afterany``) that collates the table and figure."""
+    import functools
+
+    chains = []
+    for f in files:
+        head, params = load_run(f)
+        names = list(params)
+        if a.only or a.start or a.until:
+            names = [a.only] if a.only else names[names.index(a.start) if a.start else 0:
+                                                  names.index(a.until) + 1 if a.until else None]
+        chains.append(_chain(head, params, names, a.force))
+    todo = [c for c in chains if c.stages]
+    if not todo:
+        print(f"sweep {spec['run']}: nothing to submit, every point is complete")
+        collate_sweep(str(path), spec, str(run_dir))
+        return 0
+    print(f"sweep {spec['run']}: submitting {len(todo)} of {len(pts)} points to Slurm; table {run_dir / 'sweep.csv'}")
+    jobs = _submitted(lambda: runslurm.submit(todo, stage_job, a.force,
+                                              functools.partial(collate_sweep, str(path), spec, str(run_dir)), run_dir))
+    print(f"[slurm] collate: job {jobs[-1].job_id}, after every point")
+    return _report(todo, a, jobs[-1])
 
 
 def set_aside(run_dir: Path, name: str) -> Path | None:

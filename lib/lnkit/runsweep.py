@@ -81,6 +81,8 @@ def point_spec(spec: dict, pt: dict, resolved: dict) -> dict:
     out = {"run": f"{spec['run']}-{name}", "run_dir": str(Path(resolved["run_dir"]) / name),
            "shared": dict(resolved.get("shared") or {}),
            "stages": {s: dict(v or {}) for s, v in resolved["stages"].items()}}
+    if spec.get("slurm"):
+        out["slurm"] = spec["slurm"]  # each point's jobs ask for the same resources
     for key, value in pt.items():
         if "." in key:
             stage, param = key.split(".", 1)
