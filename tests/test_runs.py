@@ -282,6 +282,40 @@ def test_the_real_scale_templates_are_valid_once_their_paths_exist(tmp_path, nam
         assert kd.tokens * (1 - kd.cpt_fraction) == pytest.approx(65e9, rel=0.01)
 
 
+
+def test_the_estimate_prices_each_stage_of_a_template_before_submission(tmp_path, capsys):
+    """``--estimate`` (also printed by ``--launcher slurm`` before it submits): LN-Super's 40B tokens of
+    distillation priced as 6N per token for the student (the child, 49.9B) and 2N for the teacher's forward
+    (the parent, 70.6B); on its 4 nodes of 8 H100s past a day, within its 7-day limit. Writes nothing."""
+    from lnkit import gpuhours
+    from lnkit.runs import REPO, estimate, main
+
+    spec = yaml.safe_load((REPO / "papermill_runs" / "ln_super_from_llama70b.yaml").read_text())
+    spec["run_dir"] = str(tmp_path / "run")
+    spec["stages"]["00_parent"]["parent_checkpoint"] = str(tmp_path)
+    (tmp_path / "sft.jsonl").write_text("")
+    spec["stages"]["06_reasoning_sft"]["data"] = str(tmp_path / "sft.jsonl")
+    path = write(tmp_path, spec)
+    head, params = load_run(path)
+    est, rows = estimate(head, params, list(params))
+    kd = next(r for r in rows if r["stage"] == "04_distillation")
+    want = gpuhours.hours(gpuhours.Work(train=40e9, forward=40e9), "LN-Super", "H100", forward_config="Llama-3.3-70B")
+    assert kd["train"] == pytest.approx(want["train"]) and kd["forward"] == pytest.approx(want["forward"])
+    assert kd["forward"] / kd["train"] == pytest.approx(2 / 6 * 70.55 / 49.87, rel=1e-3)
+    assert all(r["total"] is not None and r["total"] >= 0 for r in rows)
+    assert next(r for r in rows if r["stage"] == "09_evaluation")["generate"] > 0
+    assert main([path, "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours on H100" in out and "04_distillation" in out and "on 32 GPUs" in out
+    assert not (tmp_path / "run").exists()  # an estimate writes nothing
+    spec["slurm"]["stages"]["04_distillation"]["timeout_min"] = 60
+    assert main([write(tmp_path, spec), "--estimate"]) == 0
+    assert "> its time limit 1 h" in capsys.readouterr().out
+    spec["slurm"]["estimate"] = {"gpu": "TPU"}
+    assert main([write(tmp_path, spec), "--estimate"]) == 1
+    assert "slurm.estimate.gpu: unknown GPU 'TPU'" in capsys.readouterr().err
+
+
 def test_slurm_submits_what_the_local_runner_would_run(tmp_path):
     """Which stages ``--launcher slurm`` submits: none when all are complete; from the first incomplete (or
     stale) stage on, since every stage after a rerun one reruns too; all with --force. The real Slurm runs

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import yaml
 
-from lnkit import runslurm, runsweep, runview
+from lnkit import gpuhours, runslurm, runsweep, runview
 from lnkit.checkpoints import StageNotComplete
 from lnkit.io import atomic_write_text
 from lnkit.params import ParamError, StageParams
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="local: run the notebooks here, one after the other (default); slurm: submit one job per "
                          "stage through submitit, chained, resources from the run file's slurm: section")
     ap.add_argument("--wait", action="store_true", help="with --launcher slurm: wait for the jobs and report them")
+    ap.add_argument("--estimate", action="store_true",
+                    help="print each stage's GPU-hours on the GPU of the run file's slurm.estimate and stop")
     a = ap.parse_args(argv)
     names: list[str] = []
     try:
@@ -334,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             names = names[names.index(a.start) if a.start else 0: names.index(a.until) + 1 if a.until else None]
             if not names:
                 raise RunError(f"--from {a.start} comes after --until {a.until}: no stage to run")
+        if a.estimate:
+            print_estimate(head, params, names)
+            return 0
         if a.launcher == "slurm":
             return submit_run(head, params, names, a)
         print(f"run {head['run']}: artifacts in {head['run_dir']}, stages {', '.join(names)}")
@@ -378,6 +383,76 @@ def pending(head: dict, params: dict[str, StageParams], names: list[str], force:
             return names[i:]
         log(f"[{name}] complete with these parameters; not submitted (--force reruns it)")
     return []
+
+
+def _estimate_config(value: str, head: dict, params: dict[str, StageParams]) -> dict:
+    """A config for the estimate: ``value`` (a name or a folder), else stage 00's parent checkpoint, else the
+    shape stage 00 trains from scratch."""
+    from lnkit import deploy
+
+    p = params.get("00_parent")
+    if value:
+        return deploy.load_config(_resolve(value, Path(head["path"]).resolve().parent)
+                                  if value not in deploy.CONFIG_NAMES else value)
+    if p is not None and p.parent_checkpoint:
+        return deploy.load_config(p.parent_checkpoint)
+    if p is None:
+        raise FileNotFoundError("the run has no stage 00_parent; name the parent in slurm.estimate.parent")
+    return {"hidden_size": p.hidden_size, "num_hidden_layers": p.num_layers, "num_attention_heads": p.num_heads,
+            "num_key_value_heads": p.num_kv_heads, "intermediate_size": p.intermediate_size,
+            "vocab_size": p.vocab_size, "tie_word_embeddings": False}
+
+
+def estimate(head: dict, params: dict[str, StageParams], names: list[str]) -> tuple[dict, list[dict]]:
+    """Each stage's GPU-hours (:mod:`lnkit.gpuhours`) on the run file's ``slurm.estimate`` GPU; the
+    settings and one row per stage (``total`` None with a ``note`` where a config cannot be read)."""
+    est = runslurm.estimate_settings((head.get("slurm") or {}).get("estimate"))
+    configs, rows = {}, []
+    for which in ("parent", "child"):
+        try:
+            configs[which] = _estimate_config(est[which] or (est["parent"] if which == "child" else ""), head, params)
+        except (FileNotFoundError, OSError, ValueError) as e:
+            configs[which] = e
+    for name in names:
+        w = STAGES[name].work(params[name], params, configs["parent"] if isinstance(configs["parent"], dict) else {})
+        cfg, fwd = configs[w.model], configs[w.forward_model or w.model]
+        bad = next((x for x in (cfg, fwd) if isinstance(x, Exception)), None)
+        if bad is not None:
+            rows.append({"stage": name, "total": None, "note": f"no config to price it: {bad}"})
+            continue
+        rows.append({"stage": name, **gpuhours.hours(w, cfg, est["gpu"], est["mfu"], fwd), "work": w})
+    return est, rows
+
+
+def print_estimate(head: dict, params: dict[str, StageParams], names: list[str], log=print) -> None:
+    """The estimate as a table, with each stage's wall-clock time on its Slurm resources when it has GPUs."""
+    est, rows = estimate(head, params, names)
+    res = runslurm.resources(head.get("slurm"), list(params))
+    log(f"GPU-hours on {est['gpu']} (MFU {est['mfu']:.0%} for training; roofline decode with FP8 for generation; "
+        "lnkit.gpuhours lists what is left out):")
+    log(f"  {'stage':24s} {'train':>9s} {'forward':>9s} {'generate':>9s} {'total':>9s}  wall clock on its resources")
+    for r in rows:
+        if r["total"] is None:
+            log(f"  {r['stage']:24s} {'?':>9s}  {r['note']}")
+            continue
+        gpus = res[r["stage"]].get("gpus_per_node", 0) * res[r["stage"]]["nodes"]
+        wall = ""
+        if gpus:
+            hours = r["total"] / gpus
+            limit = res[r["stage"]]["timeout_min"] / 60
+            wall = f"{hours:.1f} h on {gpus} GPUs" + (f" > its time limit {limit:g} h" if hours > limit else "")
+        log(f"  {r['stage']:24s} " + " ".join(f"{_hours(r[k]):>9s}" for k in ("train", "forward", "generate", "total"))
+            + f"  {wall}")
+    known = [r["total"] for r in rows if r["total"] is not None]
+    log(f"  {'all':24s} {'':>9s} {'':>9s} {'':>9s} {_hours(sum(known)):>9s}")
+
+
+def _hours(h: float) -> str:
+    """
+    >>> _hours(1234.56), _hours(3.14159), _hours(0.000123), _hours(0.0)
+    ('1235', '3.1', '0.00012', '0')
+    """
+    return f"{h:.0f}" if h >= 10 or h == 0 else f"{h:.1f}" if h >= 0.1 else f"{h:.2g}"
 
 
 def _chain(head: dict, params: dict[str, StageParams], names: list[str], force: bool) -> runslurm.Chain:
@@ -425,6 +500,7 @@ def submit_run(head: dict, params: dict[str, StageParams], names: list[str], a) 
     if not chain.stages:
         print(f"run {head['run']}: nothing to submit, every stage is complete")
         return 0
+    print_estimate(head, params, chain.stages)
     print(f"run {head['run']}: submitting {', '.join(chain.stages)} to Slurm; artifacts in {head['run_dir']}")
     _submitted(lambda: runslurm.submit([chain], stage_job, a.force))
     return _report([chain], a)

@@ -64,7 +64,7 @@ def _check(values, where: str) -> dict:
     _check_mapping(values, where)
     for key, value in values.items():
         if key not in RESOURCES:
-            raise SlurmSpecError(f"{where}: unknown resource {key!r}; known: {', '.join(RESOURCES)}, stages")
+            raise SlurmSpecError(f"{where}: unknown resource {key!r}; known: {', '.join(RESOURCES)}, stages, estimate")
         kind = RESOURCES[key][1]
         ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
         if not ok or isinstance(value, bool) or (kind is not str and value <= 0) or (kind is str and not value):
@@ -81,10 +81,11 @@ def resources(section: dict | None, stages: list[str], where: str = "slurm") -> 
     ({'nodes': 1, 'timeout_min': 240, 'gpus_per_node': 8}, {'nodes': 2, 'timeout_min': 240, 'gpus_per_node': 8})
     >>> resources({"gpu": 1}, ["a"])
     Traceback (most recent call last):
-    lnkit.runslurm.SlurmSpecError: slurm: unknown resource 'gpu'; known: partition, account, qos, constraint, nodes, gpus_per_node, cpus_per_task, mem_gb, timeout_min, stages
+    lnkit.runslurm.SlurmSpecError: slurm: unknown resource 'gpu'; known: partition, account, qos, constraint, nodes, gpus_per_node, cpus_per_task, mem_gb, timeout_min, stages, estimate
     """
     section = dict(_check_mapping(section or {}, where))
     per_stage = section.pop("stages", None) or {}
+    estimate_settings(section.pop("estimate", None), f"{where}.estimate")
     base = {**DEFAULTS, **_check(section, where)}
     if not isinstance(per_stage, dict):
         raise SlurmSpecError(f"{where}.stages: expected a mapping of stage -> resources, got {per_stage!r}")
@@ -92,6 +93,37 @@ def resources(section: dict | None, stages: list[str], where: str = "slurm") -> 
         if stage not in stages:
             raise SlurmSpecError(f"{where}.stages: {stage!r} is not a stage of this run ({', '.join(stages)})")
     return {s: {**base, **_check(per_stage.get(s) or {}, f"{where}.stages.{s}")} for s in stages}
+
+
+ESTIMATE = {"gpu": "H100", "parent": "", "child": "", "mfu": 0.4}
+
+
+def estimate_settings(section, where: str = "slurm.estimate") -> dict:
+    """The GPU-hours estimate's settings: the GPU it prices, the parent's and the child's config (a name
+    :func:`lnkit.deploy.load_config` knows, or a folder / config.json; '' = from stage 00), the MFU.
+
+    >>> estimate_settings({"gpu": "H200", "child": "LN-Super"})["child"]
+    'LN-Super'
+    >>> estimate_settings({"mfu": 2})
+    Traceback (most recent call last):
+    lnkit.runslurm.SlurmSpecError: slurm.estimate.mfu=2: expected a fraction in (0, 1]
+    """
+    section = _check_mapping(section or {}, where)
+    for key, value in section.items():
+        if key not in ESTIMATE:
+            raise SlurmSpecError(f"{where}: unknown key {key!r}; known: {', '.join(ESTIMATE)}")
+        if key == "mfu" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+            raise SlurmSpecError(f"{where}.mfu={value!r}: expected a fraction in (0, 1]")
+        if key != "mfu" and not isinstance(value, str):
+            raise SlurmSpecError(f"{where}.{key}={value!r}: expected a string")
+    if section.get("gpu"):
+        from lnkit.deploy import get_gpu
+
+        try:
+            get_gpu(section["gpu"])
+        except (KeyError, ValueError) as e:
+            raise SlurmSpecError(f"{where}.gpu: {e.args[0]}") from None
+    return {**ESTIMATE, **section}
 
 
 def executor_parameters(res: dict, name: str) -> dict:

@@ -50,6 +50,7 @@ from lnkit.data.chat import render_prompt, split_response
 from lnkit.data.pairs import Pair, read_pairs, write_pairs
 from lnkit.data.splits import load_split, load_world
 from lnkit.eval import compliant, evaluate, summarize
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.rl.batch import rollout_batch
@@ -146,6 +147,20 @@ class Params(RunParams):
                 ifeval.instruction(i)
             except ifeval.UnknownInstruction as e:
                 raise ParamError(f"stage {self.STAGE}: parameter if_instructions: {e}") from None
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): RLOO rollouts and updates, the reward model's pairs
+    and training, each RPO round's samples and updates (with the reference's forward), and the evaluation;
+    sequences are the answer plus a prompt of about 256 tokens."""
+    seq = p.max_new_tokens + 256
+    rloo = p.rloo_steps * p.rloo_prompts_per_batch * p.rloo_k
+    rm = 0 if p.reward_model else p.rm_steps * p.rm_batch * 2 * seq
+    rpo_pairs = p.rpo_iterations * p.rpo_steps * p.rpo_batch * 2 * seq
+    gen = (rloo + p.chat_train * p.rm_samples + p.rpo_iterations * p.rpo_prompts * p.rpo_samples) * p.max_new_tokens
+    gen += 2 * (p.if_test + p.chat_test) * p.eval_max_new_tokens
+    return Work(generate=gen, train=rloo * seq + rm + rpo_pairs, forward=rpo_pairs, gen_len=p.max_new_tokens,
+                model="child")
 
 
 def needs(p: Params) -> list[str]:

@@ -40,6 +40,7 @@ from lnkit.data.chat import split_response
 from lnkit.data.released import make_row, write_rows
 from lnkit.data.splits import load_split, load_world, make_split
 from lnkit.data.tasks import DOMAINS
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_write_json, atomic_write_text, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.verify import check
@@ -99,6 +100,15 @@ class Params(RunParams):
                 raise ParamError(f"stage {self.STAGE}: {name} is empty; give 'reference', a stage name or a model folder")
             if Path(v).is_absolute() and not Path(v).is_dir():
                 raise ParamError(f"stage {self.STAGE}: {name}={v!r} is not a folder")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): the thinking-off answers of ``off_model``, and ``k``
+    reasoning traces per prompt when the teacher is a model (the reference teacher generates nothing)."""
+    gen = p.blend_size * p.off_fraction * p.off_max_new_tokens
+    if p.teacher != "reference":
+        gen += p.blend_size * p.k * p.teacher_max_new_tokens
+    return Work(generate=gen, gen_len=max(p.off_max_new_tokens, p.teacher_max_new_tokens))
 
 
 def needs(p: Params) -> list[str]:

@@ -35,6 +35,7 @@ from lnkit.data.splits import first_per_domain, load_split
 from lnkit.data.tasks import DOMAINS
 from lnkit.eval import evaluate, save_results, summarize
 from lnkit.generate import decode_throughput
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_write_json, folder_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.puzzle.library import as_nas
@@ -120,6 +121,16 @@ def student_name(entry: str) -> str:
     ('03_ffn_fusion', 'unfused', 'budget_0.40')
     """
     return Path(entry.strip().rstrip("/")).name
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): each student trained on the token budget, the
+    teacher's forward on the same tokens (distillation), and each student's evaluation."""
+    tokens = p.tokens or p.steps * p.rows * p.row_len * p.accum
+    kd = 0.0 if p.mode == "cpt" else (1 - p.cpt_fraction if p.mode == "kd_cpt" else 1.0)
+    n = len(p.students)
+    return Work(train=n * tokens, forward=n * tokens * kd, generate=n * p.eval_n * 5 * p.eval_max_new_tokens,
+                gen_len=p.eval_max_new_tokens, model="child", forward_model="parent")
 
 
 def needs(p: Params) -> list[str]:

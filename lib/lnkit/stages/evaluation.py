@@ -43,6 +43,7 @@ from lnkit.data.chat import render_prompt, split_response
 from lnkit.data.splits import load_split, load_world
 from lnkit.eval import bootstrap_interval, evaluate
 from lnkit.generate import decode_throughput_rounds, generate
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, folder_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.progress import progress_bar
@@ -91,6 +92,15 @@ class Params(RunParams):
             raise ParamError(f"stage {self.STAGE}: parameter models/extra_models holds an empty name")
         if len(set(specs)) != len(specs):
             raise ParamError(f"stage {self.STAGE}: a model is named twice in models + extra_models: {specs}")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): for each model, every test item with reasoning on
+    (``k`` samples and a greedy answer) and off (greedy), the IFEval and chat items likewise."""
+    parent = run.get("00_parent")
+    items = (parent.n_test if parent else 200) * len(p.domains) + p.if_test + p.chat_test
+    models = len(p.models) + len(p.extra_models)
+    return Work(generate=models * items * (p.k + 2) * p.max_new_tokens, gen_len=p.max_new_tokens, model="child")
 
 
 def needs(p: Params) -> list[str]:

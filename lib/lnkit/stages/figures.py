@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lnkit import deploy, plots, stage
 from lnkit.checkpoints import MARKER, stage_dir
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_write_json, atomic_write_text, read_json
 from lnkit.params import RunParams, param
 
@@ -43,6 +44,11 @@ class Params(RunParams):
 
     STAGE = NAME
     sweep: str = param("../grpo_sweep", "the GRPO sweep's folder (Figure 6), relative to run_dir")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """This stage draws from files: no GPU work (:mod:`lnkit.gpuhours`)."""
+    return Work()
 
 
 def needs(p: Params) -> list[str]:

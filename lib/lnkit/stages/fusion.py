@@ -53,6 +53,7 @@ from lnkit.fusion import (
     resolve_width_rule,
 )
 from lnkit.generate import decode_throughput
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_write_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.puzzle.calibration import token_batches
@@ -91,6 +92,13 @@ class Params(RunParams):
                              f"allowed: one of {sorted(GPUS)}")
         if not self.child.strip():
             raise ParamError(f"stage {self.STAGE}: parameter child='' is empty; allowed: 'auto' or a child label")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): the child's forward over the calibration rows and
+    an evaluation before and after fusing."""
+    return Work(forward=p.calib_rows * p.calib_len, generate=2 * p.eval_n * 5 * p.eval_max_new_tokens,
+                gen_len=p.eval_max_new_tokens, model="child")
 
 
 def needs(p: Params) -> list[str]:

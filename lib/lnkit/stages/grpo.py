@@ -52,6 +52,7 @@ from lnkit.data.chat import render_prompt
 from lnkit.data.splits import load_split
 from lnkit.data.tasks import MAX_DIFFICULTY, Item
 from lnkit.eval import evaluate, summarize
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_path, atomic_write_json, atomic_write_text, file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.progress import progress_bar
@@ -154,6 +155,17 @@ class Params(RunParams):
             raise ParamError(f"stage {self.STAGE}: tis_cap={self.tis_cap} must be 0 (off) or > 1")
         if 0 < self.spike_factor <= 1:
             raise ParamError(f"stage {self.STAGE}: spike_factor={self.spike_factor} must be 0 (guard off) or > 1")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): the pass-rate sampling, each step's rollouts
+    (generated, then trained ``num_iterations`` times with their prompts, about 256 tokens each) and the
+    evaluations along the way."""
+    prompts = sum(p.prompts.values())
+    rollouts = p.steps * p.prompts_per_batch * p.group_size
+    evals = (p.steps // max(1, p.eval_every) + 1) * p.curve_n * 3 * p.eval_k * p.eval_max_new_tokens
+    return Work(generate=prompts * p.pass_k * p.max_new_tokens + rollouts * p.max_new_tokens + evals,
+                train=rollouts * (p.max_new_tokens + 256) * p.num_iterations, gen_len=p.max_new_tokens, model="child")
 
 
 def needs(p: Params) -> list[str]:

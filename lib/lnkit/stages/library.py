@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from lnkit import stage
 from lnkit.checkpoints import load_model, require, stage_dir
 from lnkit.data.splits import load_split
+from lnkit.gpuhours import Work
 from lnkit.params import ParamError, RunParams, param
 from lnkit.puzzle.calibration import token_batches
 from lnkit.puzzle.library import build_library, save_library, write_rows_csv
@@ -48,6 +49,14 @@ class Params(RunParams):
     def check(self):
         if 0.0 in self.ffn_fractions:
             raise ParamError(f"stage {self.STAGE}: ffn_fractions contains 0.0; remove the FFN with ffn_no_op instead")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): the parent's forward over the calibration rows, and
+    every trainable variant's BLD steps (one layer's block each: across the layers, the whole model's size)."""
+    attn = len(p.kv_factors) + p.attention_linear
+    ffn = sum(f < 1.0 for f in p.ffn_fractions) + p.ffn_linear
+    return Work(forward=p.calib_rows * p.calib_len, train=(attn + ffn) * p.bld_steps * p.calib_batch * p.calib_len)
 
 
 def needs(p: Params) -> list[str]:

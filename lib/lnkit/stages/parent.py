@@ -29,6 +29,7 @@ from lnkit.data.tasks import DOMAINS, arithmetic_corpus
 from lnkit.data.tokenizer import save_tokenizer, train_tokenizer
 from lnkit.data.world import knowledge_corpus, make_world
 from lnkit.eval import evaluate, save_results
+from lnkit.gpuhours import Work
 from lnkit.io import atomic_write_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.train.batches import PackedBatcher
@@ -82,6 +83,14 @@ class Params(RunParams):
         if self.num_heads % self.num_kv_heads:
             raise ParamError(f"stage {self.STAGE}: num_heads={self.num_heads} is not divisible by "
                              f"num_kv_heads={self.num_kv_heads}")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): training the parent from scratch, or none for a
+    checkpoint; then its evaluation (every domain, each mode, ``eval_k`` samples)."""
+    train = 0 if p.parent_checkpoint else p.steps * p.rows * p.row_len
+    gen = p.n_test * 5 * len(p.eval_modes) * p.eval_k * p.eval_max_new_tokens
+    return Work(train=train, generate=gen, gen_len=p.eval_max_new_tokens)
 
 
 def needs(p: Params) -> list[str]:

@@ -36,6 +36,7 @@ from lnkit.data.splits import first_per_domain, load_split
 from lnkit.deploy import GPUS
 from lnkit.eval import evaluate, summarize
 from lnkit.generate import decode_throughput, decode_throughput_rounds
+from lnkit.gpuhours import Work
 from lnkit.io import ArtifactError, atomic_write_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.progress import progress_bar
@@ -89,6 +90,17 @@ class Params(RunParams):
                              "sweep would assemble no child (stage 03 fuses one of them)")
         if self.cost_source == "analytic" and self.gpu not in GPUS:
             raise ParamError(f"stage {self.STAGE}: gpu={self.gpu!r} is not in the catalogue; known: {sorted(GPUS)}")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): one forward of the model over the scoring rows per
+    candidate block (each layer's variants, scored one at a time), then the frontier's evaluation."""
+    lib = run.get("01_block_library")
+    per_layer = 2 + (len(lib.kv_factors) + lib.attention_linear + lib.attention_no_op + len(lib.ffn_fractions)
+                     + lib.ffn_linear + lib.ffn_no_op if lib else 8)
+    layers = int(config.get("num_hidden_layers", 1))
+    return Work(forward=layers * per_layer * p.score_rows * p.score_len,
+                generate=len(p.budgets) * p.eval_n * 5 * p.eval_max_new_tokens, gen_len=p.eval_max_new_tokens)
 
 
 def needs(p: Params) -> list[str]:

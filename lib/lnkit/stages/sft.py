@@ -29,6 +29,7 @@ from lnkit.checkpoints import load_model, model_dir, save_model, stage_dir, stag
 from lnkit.data.released import load_rows
 from lnkit.data.splits import first_per_domain, load_split
 from lnkit.eval import evaluate, save_results, summarize
+from lnkit.gpuhours import Work
 from lnkit.io import file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
 from lnkit.train.batches import PackedBatcher, encode_row
@@ -80,6 +81,12 @@ class Params(RunParams):
                 raise ParamError(f"stage {self.STAGE}: {name} is empty")
             if Path(v).is_absolute() and not Path(v).exists():
                 raise ParamError(f"stage {self.STAGE}: {name}={v!r} does not exist")
+
+
+def work(p: Params, run: dict, config: dict) -> Work:
+    """What this stage computes (:mod:`lnkit.gpuhours`): the SFT tokens, then the evaluation."""
+    return Work(train=p.steps * p.rows * p.row_len * p.accum,
+                generate=p.eval_n * 5 * 2 * p.eval_k * p.eval_max_new_tokens, gen_len=p.eval_max_new_tokens, model="child")
 
 
 def needs(p: Params) -> list[str]:
