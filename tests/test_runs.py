@@ -286,7 +286,8 @@ def test_the_real_scale_templates_are_valid_once_their_paths_exist(tmp_path, nam
 def test_the_estimate_prices_each_stage_of_a_template_before_submission(tmp_path, capsys):
     """``--estimate`` (also printed by ``--launcher slurm`` before it submits): LN-Super's 40B tokens of
     distillation priced as 6N per token for the student (the child, 49.9B) and 2N for the teacher's forward
-    (the parent, 70.6B); on its 4 nodes of 8 H100s past a day, within its 7-day limit. Writes nothing."""
+    (the parent, 70.6B); on its 16 nodes of 8 H100s about 4 days, within its 7-day limit, as every stage of the
+    template is within its own. Writes nothing."""
     from lnkit import gpuhours
     from lnkit.runs import REPO, estimate, main
 
@@ -306,7 +307,8 @@ def test_the_estimate_prices_each_stage_of_a_template_before_submission(tmp_path
     assert next(r for r in rows if r["stage"] == "09_evaluation")["generate"] > 0
     assert main([path, "--estimate"]) == 0
     out = capsys.readouterr().out
-    assert "GPU-hours on H100" in out and "04_distillation" in out and "on 32 GPUs" in out
+    assert "GPU-hours on H100" in out and "04_distillation" in out and "96.6 h on 128 GPUs" in out
+    assert "time limit" not in out
     assert not (tmp_path / "run").exists()  # an estimate writes nothing
     spec["slurm"]["stages"]["04_distillation"]["timeout_min"] = 60
     assert main([write(tmp_path, spec), "--estimate"]) == 0
