@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install reproduce test lab lint strip bench clean-runs
+.PHONY: install reproduce test test-ui lab lint strip bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ reproduce: install
 test: install
 	$(BIN)/pytest -q
 
+# The notebooks' widgets in JupyterLab, driven in Debian's chromium (apt-get install chromium); about 2 min.
+test-ui: install
+	$(BIN)/pytest -q -m ui tests/test_ui.py
+
 # JupyterLab on this venv's kernel, opened at notebooks/; root (a container) needs --allow-root.
 lab: install
 	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -38,7 +42,7 @@ strip: install
 	$(BIN)/nbstripout notebooks/*.ipynb
 
 bench: install
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done   # gpu_check.sh: a GPU's own
 
 clean-runs:
 	rm -rf runs papermill_runs/output

@@ -3,8 +3,9 @@ Playwright): open the notebook, Run > Run All Cells, wait for the kernel, then n
 cell, every widget rendered (none failed, none still loading), and moving a control changes the text
 the widget shows. The deployment planner runs as committed; stage 02's budget explorer runs on a smoke
 run of stages 00-02 built here. Screenshots land in papermill_runs/output/ui/ (git-ignored).
-About 60-80 s on a 2-core CPU (the smoke stages, about 40 s, run while the planner is tested).
-Skipped only where /usr/bin/chromium is absent.
+About 2 minutes on a 2-core CPU (the smoke stages, about 40 s, run while the planner is tested).
+Marked ``ui``: ``make test-ui`` runs it (``.ci/run`` does, after ``make test``, which leaves it out to stay
+within its 10 minutes); skipped where /usr/bin/chromium is absent.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import yaml
 import lab_helpers as lab_ui
 from lnkit import runs
 
-pytestmark = pytest.mark.skipif(not lab_ui.CHROMIUM.exists(),
-                                reason=f"needs Debian's chromium at {lab_ui.CHROMIUM} (apt-get install chromium); "
-                                       ".ci/run installs it")
+pytestmark = [pytest.mark.ui,
+              pytest.mark.skipif(not lab_ui.CHROMIUM.exists(),
+                                 reason=f"needs Debian's chromium at {lab_ui.CHROMIUM} (apt-get install chromium); "
+                                        ".ci/run installs it")]
 
 SHOTS = runs.OUTPUT / "ui"
 SMOKE_STAGES = ["00_parent", "01_block_library", "02_architecture_search"]

@@ -468,7 +468,11 @@ def _chain(head: dict, params: dict[str, StageParams], names: list[str], force: 
 
 
 def stage_job(run_file: str, stage: str, force: bool) -> str:
-    """What one Slurm job runs: one stage of a run, as ``python -m lnkit.runs <run.yaml> --only <stage>``."""
+    """What one Slurm job runs: one stage of a run, as ``python -m lnkit.runs <run.yaml> --only <stage>``.
+    A stage runs as one process, so in a job of several nodes only the first task runs it."""
+    rank = runslurm.task_rank()
+    if rank:
+        return f"{stage}: task {rank} idle (the stage runs in task 0)"
     rc = main([run_file, "--only", stage, *(["--force"] if force else [])])
     if rc:
         raise RunError(f"stage {stage} of {run_file} failed (exit code {rc}); its error is printed above")
@@ -501,6 +505,11 @@ def submit_run(head: dict, params: dict[str, StageParams], names: list[str], a) 
         print(f"run {head['run']}: nothing to submit, every stage is complete")
         return 0
     print_estimate(head, params, chain.stages)
+    for stage in chain.stages:
+        if chain.resources[stage]["nodes"] > 1:
+            print(f"[slurm] note: {stage} asks for {chain.resources[stage]['nodes']} nodes, but stage notebooks run as "
+                  "one process (the training loop runs under torchrun; stages are not launched that way yet): the "
+                  "first node runs it, the others wait")
     print(f"run {head['run']}: submitting {', '.join(chain.stages)} to Slurm; artifacts in {head['run_dir']}")
     _submitted(lambda: runslurm.submit([chain], stage_job, a.force))
     return _report([chain], a)

@@ -204,6 +204,16 @@ def record(c: Chain) -> None:
         for s, j in zip(c.stages, c.jobs)])
 
 
+def task_rank() -> int:
+    """This task's rank in its submitit job (0 outside a job)."""
+    import submitit
+
+    try:
+        return submitit.JobEnvironment().global_rank
+    except RuntimeError:  # not inside a submitit job
+        return 0
+
+
 def outcome(job) -> str:
     """COMPLETED, FAILED, CANCELLED, ... for a finished job, or its pending/running state."""
     if job.paths.result_pickle.exists():

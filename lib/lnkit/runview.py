@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lnkit.explore import HEADLESS_ENV
 from lnkit.progress import ENV as PROGRESS_ENV
 from lnkit.progress import TEXT as PROGRESS_TEXT
 
@@ -108,11 +109,11 @@ class StageView:
 
     # -- the kernel's set-up: environment and config file, for the duration of the stage ------------------
     def open(self) -> StageView:
-        """Set ``LNKIT_PROGRESS=text`` (the kernel inherits the runner's environment) and write the kernel's
-        config file, until :meth:`close`."""
-        old = os.environ.get(PROGRESS_ENV)
-        os.environ[PROGRESS_ENV] = PROGRESS_TEXT
-        self._stack.callback(_restore_env, PROGRESS_ENV, old)
+        """Set ``LNKIT_PROGRESS=text`` and ``LNKIT_HEADLESS=1`` (the kernel inherits the runner's environment;
+        :mod:`lnkit.explore`) and write the kernel's config file, until :meth:`close`."""
+        for key, value in ((PROGRESS_ENV, PROGRESS_TEXT), (HEADLESS_ENV, "1")):
+            self._stack.callback(_restore_env, key, os.environ.get(key))
+            os.environ[key] = value
         folder = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="lnkit-kernel-")))
         self.config_file = folder / "lnkit_kernel_config.py"
         self.config_file.write_text(kernel_config_source())

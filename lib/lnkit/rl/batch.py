@@ -13,9 +13,10 @@ import torch
 from lnkit.rl.rollout import Rollout
 
 
-def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+def rollout_batch(rollouts: list[Rollout], pad_id: int, device=None) -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask``, ``completion_mask`` (B, T) and ``sampling_logps`` (B, T, the
-    engine's log-probabilities, 0 on padding); ``n_tokens``: completion tokens.
+    engine's log-probabilities, 0 on padding), on ``device`` (the policy's; default the CPU); ``n_tokens``:
+    completion tokens.
 
     >>> from lnkit.rl.rollout import Rollout
     >>> b = rollout_batch([Rollout(0, [5, 6], [7], [-0.5]), Rollout(1, [5], [8, 9], [-0.1, -0.2])], pad_id=0)
@@ -39,5 +40,5 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tenso
             ids[i, P : P + c] = torch.tensor(r.completion_ids)
             cmask[i, :c] = 1
             logps[i, :c] = torch.tensor(r.logprobs)
-    return {"input_ids": ids, "attention_mask": attn, "completion_mask": cmask, "sampling_logps": logps,
-            "n_tokens": int(cmask.sum())}
+    out = {"input_ids": ids, "attention_mask": attn, "completion_mask": cmask, "sampling_logps": logps}
+    return {**{k: v.to(device) for k, v in out.items()}, "n_tokens": int(cmask.sum())}

@@ -58,7 +58,8 @@ class VLLMEngine(RolloutEngine):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         self.llm = LLM(model=str(self.folder), dtype=dtype, quantization="fp8" if fp8 else None, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       gpu_memory_utilization=gpu_memory_utilization,
+                       max_model_len=min(max_model_len, model.config.max_position_embeddings),
                        distributed_executor_backend="external_launcher", logprobs_mode="processed_logprobs",
                        enable_prefix_caching=True)
         self.stop = [i for i in (tok.convert_tokens_to_ids(t) for t in (EOT, EOS_TEXT)) if isinstance(i, int) and i >= 0]

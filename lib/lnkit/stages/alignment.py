@@ -469,12 +469,12 @@ def train_rloo(p: Params, policy, tok, engine, prompts: list[ifeval.IFPrompt], f
         follow = [float(all(v)) if p.rloo_reward == "all" else sum(v) / len(v) for v in verdicts]
         fmt = format_reward([render_prompt(chosen[r.index].prompt, modes[r.index]) for r in rollouts], texts)
         rewards = torch.tensor([f + 0.5 * g for f, g in zip(follow, fmt)])
-        b = rollout_batch(rollouts, tok.pad_token_id)
+        b = rollout_batch(rollouts, tok.pad_token_id, next(policy.parameters()).device)
         mask = b["completion_mask"].float()
         with torch.no_grad():
             ref = token_logprobs(reference, b["input_ids"], b["attention_mask"], mask.shape[1], p.temperature)
         kl = sequence_kl(b["sampling_logps"], ref, mask)
-        adv = rloo_advantages(rewards, p.rloo_k, kl=kl, beta=p.rloo_beta)
+        adv = rloo_advantages(rewards.to(kl.device), p.rloo_k, kl=kl, beta=p.rloo_beta)
         return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "mask": mask,
                 "old": b["sampling_logps"], "adv": adv, "n_tokens": b["n_tokens"],
                 "stats": {"follow_reward": statistics.mean(follow), "format_reward": statistics.mean(fmt),

@@ -421,7 +421,8 @@ class GRPOTrainer:
         adv = group_advantages(total, p.group_size)
         flat = (total.view(-1, p.group_size).std(1) == 0).repeat_interleave(p.group_size)
         keep = [j for j in range(len(rollouts)) if not (p.drop_flat_groups and flat[j])] or list(range(len(rollouts)))
-        batch = rollout_batch([rollouts[j] for j in keep], self.tok.pad_token_id)
+        device = next(self.policy.parameters()).device
+        batch = rollout_batch([rollouts[j] for j in keep], self.tok.pad_token_id, device)
         mask = batch["completion_mask"].float()
         with torch.no_grad():
             exact = None
@@ -451,7 +452,7 @@ class GRPOTrainer:
         }
         self.record_batch(b, step, ids, modes, rollouts, texts, total, stats)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "completion_mask": batch["completion_mask"], "old_logps": old, "advantages": adv[keep],
+                "completion_mask": batch["completion_mask"], "old_logps": old, "advantages": adv[keep].to(device),
                 **({"ref_logps": ref} if ref is not None else {}), **({"is_weights": is_w} if is_w is not None else {}),
                 "n_tokens_all": float(mask.sum()), "stats": stats}
 

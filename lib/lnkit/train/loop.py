@@ -260,7 +260,14 @@ def _write_log(out_dir: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def _on_device(batch: dict, model) -> dict:
+    """The batch's tensors on the model's device (batches are built on the CPU; a no-op there)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _forward(model, batch: dict, loss_fn) -> tuple[torch.Tensor, dict[str, float]]:
+    batch = _on_device(batch, model)
     out = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
     if isinstance(out, dict):
         if "loss" not in out:
