@@ -313,6 +313,11 @@ def test_the_estimate_prices_each_stage_of_a_template_before_submission(tmp_path
     spec["slurm"]["stages"]["04_distillation"]["timeout_min"] = 60
     assert main([write(tmp_path, spec), "--estimate"]) == 0
     assert "> its time limit 1 h" in capsys.readouterr().out
+    sweep = {**spec, "sweep": {"grid": {"06_reasoning_sft.lr": [5e-6, 1e-5]}}}
+    assert main([write(tmp_path, sweep), "--estimate"]) == 0  # a sweep's estimate runs nothing either
+    out = capsys.readouterr().out
+    assert "2 points; each point's estimate" in out and "96.6 h on 128 GPUs" in out
+    assert not any((tmp_path / "run").glob("*/0*"))
     spec["slurm"]["estimate"] = {"gpu": "TPU"}
     assert main([write(tmp_path, spec), "--estimate"]) == 1
     assert "slurm.estimate.gpu: unknown GPU 'TPU'" in capsys.readouterr().err

@@ -326,16 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if "sweep" in (spec := read_spec(Path(a.run_file))):
             return run_sweep(Path(a.run_file), spec, a)
         head, params = load_run(a.run_file)
-        names = list(params)
-        for flag in (a.start, a.until, a.only):
-            if flag is not None and flag not in params:
-                raise RunError(f"stage {flag!r} is not in run file {a.run_file}; it has: {', '.join(names)}")
-        if a.only:
-            names = [a.only]
-        else:
-            names = names[names.index(a.start) if a.start else 0: names.index(a.until) + 1 if a.until else None]
-            if not names:
-                raise RunError(f"--from {a.start} comes after --until {a.until}: no stage to run")
+        names = selected(params, a, a.run_file)
         if a.estimate:
             print_estimate(head, params, names)
             return 0
@@ -372,6 +363,21 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         raise
     return 0
+
+
+def selected(params: dict[str, StageParams], a, run_file) -> list[str]:
+    """The stages ``--only`` / ``--from`` / ``--until`` pick, in run order; a flag naming a stage the run lacks,
+    or an empty range, is a RunError."""
+    names = list(params)
+    for flag in (a.start, a.until, a.only):
+        if flag is not None and flag not in params:
+            raise RunError(f"stage {flag!r} is not in run file {run_file}; it has: {', '.join(names)}")
+    if a.only:
+        return [a.only]
+    names = names[names.index(a.start) if a.start else 0: names.index(a.until) + 1 if a.until else None]
+    if not names:
+        raise RunError(f"--from {a.start} comes after --until {a.until}: no stage to run")
+    return names
 
 
 def pending(head: dict, params: dict[str, StageParams], names: list[str], force: bool, log=print) -> list[str]:
@@ -553,6 +559,12 @@ def run_sweep(path: Path, spec: dict, a) -> int:
         atomic_write_text(f, yaml.safe_dump(runsweep.point_spec(spec, pt, resolved), sort_keys=False))
         load_run(f)  # a bad value at any point stops the sweep before anything runs
         files.append(f)
+    if a.estimate or a.launcher == "slurm":
+        head, params = load_run(files[0])
+        print(f"sweep {spec['run']}: {len(pts)} points; each point's estimate (the first's):")
+        print_estimate(head, params, selected(params, a, files[0]))
+        if a.estimate:
+            return 0
     if a.launcher == "slurm":
         return submit_sweep(path, spec, run_dir, pts, files, a)
     flags = [x for flag, v in (("--from", a.start), ("--until", a.until), ("--only", a.only)) if v for x in (flag, v)]
@@ -582,11 +594,7 @@ def submit_sweep(path: Path, spec: dict, run_dir: Path, pts: list[dict], files: 
     chains = []
     for f in files:
         head, params = load_run(f)
-        names = list(params)
-        if a.only or a.start or a.until:
-            names = [a.only] if a.only else names[names.index(a.start) if a.start else 0:
-                                                  names.index(a.until) + 1 if a.until else None]
-        chains.append(_chain(head, params, names, a.force))
+        chains.append(_chain(head, params, selected(params, a, f), a.force))
     todo = [c for c in chains if c.stages]
     if not todo:
         print(f"sweep {spec['run']}: nothing to submit, every point is complete")
