@@ -63,6 +63,8 @@ def test_bad_parameters_name_stage_field_and_allowed_values(tmp_path, stage_para
     ({**BASE, "sweep": {"grid": {"seed": [1]}, "list": []}}, "sweep: expected exactly one of ['grid', 'list']"),
     ({**BASE, "sweep": {"list": [{"seed": 1}, {"seed": 1}]}}, "two points are the same"),
     ({**BASE, "sweep": {"grid": {"07_grpo.lr": [0.1]}}}, "names stage 07_grpo, which is not in the run's stages"),
+    ({**BASE, "stages": {"06_reasoning_sft": {"processes": 4, "rows": 2}}}, "rows=2 is fewer than processes=4"),
+    ({**BASE, "stages": {"06_reasoning_sft": {"processes": 0}}}, "processes=0 is out of range"),
     ({**BASE, "slurm": {"gpus": 8}}, "slurm: unknown resource 'gpus'; known: partition"),
     ({**BASE, "slurm": {"gpus_per_node": 0}}, "slurm.gpus_per_node=0: expected a positive int"),
     ({**BASE, "slurm": {"timeout_min": "4h"}}, "slurm.timeout_min='4h': expected a positive int"),

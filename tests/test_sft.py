@@ -149,3 +149,21 @@ def test_a_corrupt_input_is_named_before_training_and_nothing_is_written(tmp_pat
     bad.write_bytes(b"[\xff]")
     with pytest.raises(ArtifactError, match="is not valid JSON"):
         sft.run(_params(run))
+
+
+def test_sft_across_two_processes_trains_like_one_and_saves_the_whole_model(tmp_path, small_splits, tok, tiny_llama):
+    """``processes=2``: the training runs under torchrun (FSDP2, gloo on this CPU) and the notebook's process
+    loads what it saved: the same losses as one process to 1e-5, the same weights, one whole model folder."""
+    from lnkit.stages.sft import stage_dir
+
+    one_run, _ = _tiny_run(tmp_path / "one", small_splits, tok, tiny_llama)
+    two_run, _ = _tiny_run(tmp_path / "two", small_splits, tok, tiny_llama)
+    m1, _, log1, info1 = train_sft(_params(one_run, steps=12, ckpt_every=6))
+    m2, _, log2, info2 = train_sft(_params(two_run, steps=12, ckpt_every=6, processes=2))
+    assert [r["step"] for r in log2] == list(range(12))
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(log1, log2)) < 1.01e-5  # the log keeps 5 decimals
+    w1, w2 = m1.state_dict(), m2.state_dict()
+    assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+    assert info2["rows"] == info1["rows"] and info2["phases"] == [list(x) for x in info1["phases"]]
+    out = stage_dir(two_run, "06_reasoning_sft")
+    assert (out / "train_state" / "dcp" / ".metadata").is_file()  # checkpointed sharded, by 2 processes

@@ -513,9 +513,9 @@ def submit_run(head: dict, params: dict[str, StageParams], names: list[str], a) 
     print_estimate(head, params, chain.stages)
     for stage in chain.stages:
         if chain.resources[stage]["nodes"] > 1:
-            print(f"[slurm] note: {stage} asks for {chain.resources[stage]['nodes']} nodes, but stage notebooks run as "
-                  "one process (the training loop runs under torchrun; stages are not launched that way yet): the "
-                  "first node runs it, the others wait")
+            print(f"[slurm] note: {stage} asks for {chain.resources[stage]['nodes']} nodes, but a stage runs on one "
+                  "node (stage 06 trains across that node's GPUs with its processes parameter): the first node "
+                  "runs it, the others wait")
     print(f"run {head['run']}: submitting {', '.join(chain.stages)} to Slurm; artifacts in {head['run_dir']}")
     _submitted(lambda: runslurm.submit([chain], stage_job, a.force))
     return _report([chain], a)

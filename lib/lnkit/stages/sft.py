@@ -30,10 +30,11 @@ from lnkit.data.released import load_rows
 from lnkit.data.splits import first_per_domain, load_split
 from lnkit.eval import evaluate, save_results, summarize
 from lnkit.gpuhours import Work
-from lnkit.io import file_digest, read_json
+from lnkit.io import atomic_write_json, file_digest, read_json
 from lnkit.params import ParamError, RunParams, param
+from lnkit.train import distributed, launch
 from lnkit.train.batches import PackedBatcher, encode_row
-from lnkit.train.loop import LoopConfig, train_loop
+from lnkit.train.loop import LoopConfig, read_train_log, train_loop
 
 NAME = "06_reasoning_sft"
 
@@ -65,6 +66,8 @@ class Params(RunParams):
     spike_factor: float = param(25.0, "guard: roll back on a NaN/inf, or a grad norm > this x the recent median "
                                 "(late SFT reaches ~9x on ordinary batches); 0 turns it off", lo=0.0)
     max_rollbacks: int = param(3, "guard: rollbacks before a bad step stops the run", lo=0)
+    processes: int = param(1, "processes that train (torchrun, FSDP2: one per GPU, or gloo on the CPU); the "
+                           "evaluation stays in the notebook's process", lo=1)
     eval_n: int = param(0, "test items per domain to evaluate; 0: the whole test split", lo=0)
     eval_k: int = param(1, "samples per prompt with thinking on (pass@1 averaged)", lo=1, hi=64)
     eval_max_new_tokens: int = param(128, "generation limit: the longest reference trace is ~95 tokens", lo=1)
@@ -73,6 +76,9 @@ class Params(RunParams):
         if len(self.stage_fractions) != 3 or abs(sum(self.stage_fractions) - 1) > 1e-6:
             raise ParamError(f"stage {self.STAGE}: stage_fractions={self.stage_fractions} must be 3 shares "
                              "(reasoning, mixed, chat) summing to 1")
+        if self.rows < self.processes:
+            raise ParamError(f"stage {self.STAGE}: rows={self.rows} is fewer than processes={self.processes}: each "
+                             "process trains on its rows of every micro-batch")
         if 0 < self.spike_factor <= 1:
             raise ParamError(f"stage {self.STAGE}: spike_factor={self.spike_factor} must be 0 (guard off) or > 1")
         for name in ("init", "data"):
@@ -194,9 +200,19 @@ def make_batches(rows: list[dict], tok, P: Params):
 def train_sft(P: Params, loss_fn=None):
     """Load the student and the data, train, save ``model/``. Returns (model, tok, log, info).
 
-    ``loss_fn`` goes to :func:`lnkit.train.loop.train_loop` (tests use it to inject a bad step)."""
+    ``loss_fn`` goes to :func:`lnkit.train.loop.train_loop` (tests use it to inject a bad step). With
+    ``processes`` > 1 the training runs in that many processes under torchrun (:func:`train_worker`; the
+    same losses as one process, and the same checkpoints to resume with any number), and the model they
+    saved is loaded back here."""
     out = stage_dir(P.run_dir, NAME)
-    device = P.setup_torch()
+    if P.processes > 1 and distributed.world()[1] == 1:
+        if loss_fn is not None:
+            raise ValueError("loss_fn does not cross into the torchrun processes; use processes=1")
+        launch.across(P.processes, "lnkit.stages.sft:train_worker", P.to_dict(), out / "train_processes.log",
+                      echo=lambda line: None if not P.progress else print(line))
+        model, tok = load_model(out / "model", P.setup_torch())
+        return model, tok, read_train_log(out), read_json(out / "train_info.json")
+    device = launch.device() if distributed.world()[1] > 1 else P.setup_torch()
     init = model_dir(P.run_dir, P.init)
     model, tok = load_model(init, device)
     data = data_path(P.run_dir, P.data)
@@ -218,12 +234,28 @@ def train_sft(P: Params, loss_fn=None):
     t0 = time.perf_counter()
     log = train_loop(model, batches, cfg, out, desc="sft", progress=P.progress, fingerprint=fingerprint,
                      loss_fn=loss_fn)
-    save_model(model, tok, out / "model")
+    rank, size = distributed.world()
+    if size > 1:  # the weights are sharded: gather them whole into rank 0, which saves them
+        full = distributed.full_model_state(model)
+        if rank == 0:
+            model, _ = load_model(init, "cpu")
+            model.load_state_dict(full)
+    if rank == 0:
+        save_model(model, tok, out / "model")
     info = {"init": str(init), "data": str(data), "rows": len(rows), "skipped": dict(skipped), "phases": plan,
             # the loop's own clock, which carries over a resume (wall time here would count only the rest)
             "train_seconds": float(log[-1]["elapsed_s"]) if log else round(time.perf_counter() - t0, 1),
             "rollbacks": int(log[-1].get("rollbacks", 0)) if log else 0}
+    if size > 1:
+        if rank == 0:
+            atomic_write_json(out / "train_info.json", info)
+        distributed.barrier()
     return model, tok, log, info
+
+
+def train_worker(values: dict) -> None:
+    """One of the torchrun processes of :func:`train_sft` (run by :func:`lnkit.train.launch.across`)."""
+    train_sft(Params.from_dict(values))
 
 
 def eval_items(P: Params):

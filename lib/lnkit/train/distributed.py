@@ -72,7 +72,8 @@ def loss_tokens(batch: dict) -> int:
 def all_sum(value: float) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    on = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors
+    t = torch.tensor([float(value)], dtype=torch.float64, device=on)
     dist.all_reduce(t)
     return float(t[0])
 
@@ -97,6 +98,14 @@ def full_state(model, opt) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_model_state(model) -> dict:
+    """The whole model's weights on the CPU in rank 0 (empty elsewhere): a collective, every process calls it.
+    What a stage saves as its ``model/`` after training across processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, opt, model_state: dict, opt_state: dict) -> None:

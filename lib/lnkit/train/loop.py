@@ -250,6 +250,11 @@ def _read_log(out_dir: Path, upto: int) -> list[dict]:
     return [r for r in rows if r["step"] < upto]
 
 
+def read_train_log(out_dir: str | Path) -> list[dict]:
+    """The per-step log a :func:`train_loop` wrote to ``out_dir`` (every step it has)."""
+    return _read_log(Path(out_dir), upto=2**62)
+
+
 def _write_log(out_dir: Path, rows: list[dict]) -> None:
     if distributed.world()[0] != 0:  # one writer
         return
