@@ -353,3 +353,19 @@ def test_slurm_submits_what_the_local_runner_would_run(tmp_path):
     (tmp_path / "run" / "01_block_library" / MARKER).write_text(
         json.dumps({"digest": params["01_block_library"].digest()}))  # completed after stage 02
     assert pending(head, params, names, force=False) == names[2:]
+
+
+def test_a_slurm_resubmission_with_a_damaged_job_list_or_no_slurm_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    from lnkit.runs import main
+
+    spec = {**BASE, "run_dir": str(tmp_path / "run")}
+    path = write(tmp_path, spec)
+    jobs = tmp_path / "run" / "slurm" / "jobs.json"
+    jobs.parent.mkdir(parents=True)
+    jobs.write_text("[{")
+    assert main([path, "--launcher", "slurm"]) == 1
+    assert "jobs.json is not the job list this runner writes" in capsys.readouterr().err
+    jobs.write_text('[{"stage": "00_parent", "job_id": "7"}]')
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue
+    assert main([path, "--launcher", "slurm"]) == 1
+    assert "squeue is not on PATH" in capsys.readouterr().err

@@ -30,13 +30,12 @@ queued, with the key named.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lnkit.io import atomic_write_json
+from lnkit.io import ArtifactError, atomic_write_json, read_json
 
 # run-file key -> (submitit AutoExecutor parameter, type)
 RESOURCES = {
@@ -151,7 +150,10 @@ def _queued(ids: list[str]) -> list[str]:
     """Those of ``ids`` still known to the scheduler (pending or running)."""
     if not ids:
         return []
-    out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SlurmSpecError("squeue is not on PATH: --launcher slurm needs Slurm's commands on this machine") from None
     return [line.strip() for line in out.stdout.splitlines() if line.strip() in ids]
 
 
@@ -160,7 +162,11 @@ def check_not_queued(run_dir: Path) -> None:
     record = Path(run_dir) / "slurm" / JOBS
     if not record.is_file():
         return
-    ids = [j["job_id"] for j in json.loads(record.read_text())]
+    try:
+        ids = [str(j["job_id"]) for j in read_json(record)]
+    except (ArtifactError, TypeError, KeyError):
+        raise SlurmSpecError(f"{record} is not the job list this runner writes; remove it if no job of this run "
+                             "is queued, then submit again") from None
     live = _queued(ids)
     if live:
         raise SlurmSpecError(f"run folder {run_dir} has jobs of an earlier submission still queued or running "
