@@ -186,7 +186,6 @@ def train_parent(p: Params):
     batches = PackedBatcher(training_examples(p, tok), p.rows, p.row_len, tok.pad_token_id, seed=p.seed)
     model = make_model(p, tok).to(device)
     cfg = LoopConfig(steps=p.steps, lr=p.lr, warmup=p.warmup, ckpt_every=max(50, p.steps // 10))
-    dev_batches = (lambda step: {k: v.to(device) for k, v in batches(step).items()}) if device != "cpu" else batches
-    rows = train_loop(model, dev_batches, cfg, out, desc="parent", progress=p.progress, fingerprint=p.digest())
+    rows = train_loop(model, batches, cfg, out, desc="parent", progress=p.progress, fingerprint=p.digest())
     save_model(model, tok, out / "model")
     return model, tok, rows

@@ -219,10 +219,7 @@ def train_sft(P: Params, loss_fn=None):
     rows, skipped = load_rows(data)
     if not rows:
         raise ValueError(f"stage {P.STAGE}: {data} has no usable rows (skipped: {dict(skipped)})")
-    batches, plan = make_batches(rows, tok, P)
-    if device != "cpu":
-        cpu_batches = batches
-        batches = lambda i: {k: v.to(device) for k, v in cpu_batches(i).items()}  # noqa: E731
+    batches, plan = make_batches(rows, tok, P)  # on the CPU: the loop moves each batch to the model's device
     cfg = LoopConfig(steps=P.steps, lr=P.lr, warmup=P.warmup, ckpt_every=P.ckpt_every, accum=P.accum,
                      spike_factor=P.spike_factor, max_rollbacks=P.max_rollbacks)
     # The data and the initial weights belong to the run's identity: a checkpoint trained on another
